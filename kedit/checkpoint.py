@@ -1,0 +1,187 @@
+"""Editor artifacts: trained editors (MEND, SERAC) as safetensors files, loadable without code.
+
+An editor artifact is one safetensors file (or a folder holding ``editor.safetensors``)
+whose header metadata ``"kedit_editor"`` is JSON::
+
+    {"format": 1, "editor": "mend", "hparams": {...}, "base": {"name": ..., "hash": ...,
+     "weights": [...]}, "extra": {...}}
+
+``load_editor(path)`` reads the header and dispatches to
+``editor_class(meta["editor"]).from_artifact(path)``. Tensors are plain safetensors (no
+pickle): loading runs no code from the file. The base model's identity (its name and a
+hash of the weights the editor was trained on) travels with the editor, and
+:func:`check_base_identity` refuses a different base model with a clear error.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+log = logging.getLogger(__name__)
+
+ARTIFACT_FORMAT = 1
+META_KEY = "kedit_editor"
+ARTIFACT_FILE = "editor.safetensors"
+
+
+class BaseModelMismatch(RuntimeError):
+    """An editor trained for one base model is used with another."""
+
+
+def artifact_file(path: str | Path) -> Path:
+    """The safetensors file of an artifact path (a file, or a folder with ``editor.safetensors``)."""
+    path = Path(path)
+    if path.is_dir():
+        candidates = [path / ARTIFACT_FILE, *sorted(path.glob("*.safetensors"))]
+        for c in candidates:
+            if c.is_file():
+                return c
+        raise FileNotFoundError(f"{path} is a folder without an editor artifact ({ARTIFACT_FILE})")
+    if not path.is_file():
+        raise FileNotFoundError(f"no editor artifact at {path}")
+    if path.suffix == ".ckpt":
+        raise ValueError(f"{path} is a Lightning training checkpoint, not an editor artifact; export it "
+                         f"first: python -m kedit.train export {path} <out>.safetensors")
+    return path
+
+
+def read_artifact_meta(path: str | Path) -> dict[str, Any]:
+    """The JSON header of an editor artifact."""
+    from safetensors import safe_open
+
+    file = artifact_file(path)
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            raw = (f.metadata() or {}).get(META_KEY)
+    except Exception as err:  # noqa: BLE001 - safetensors raises several types
+        raise ValueError(f"{file} is not a readable safetensors file: {err}") from None
+    if raw is None:
+        raise ValueError(f"{file} is a safetensors file but not a kedit editor artifact "
+                         f"(no {META_KEY!r} header); edits are loaded with kedit.Edit.load")
+    try:
+        meta = json.loads(raw)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{file}: corrupt {META_KEY!r} header: {err}") from None
+    for key in ("editor", "hparams"):
+        if key not in meta:
+            raise ValueError(f"{file}: editor artifact header has no field {key!r}")
+    if meta.get("format", ARTIFACT_FORMAT) > ARTIFACT_FORMAT:
+        raise ValueError(f"{file}: artifact format {meta['format']} is newer than this kedit "
+                         f"({ARTIFACT_FORMAT}); upgrade kedit")
+    return meta
+
+
+def load_artifact(path: str | Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """(tensors, header) of an editor artifact."""
+    from safetensors.torch import load_file
+
+    meta = read_artifact_meta(path)
+    return load_file(str(artifact_file(path))), meta
+
+
+def save_artifact(
+    path: str | Path,
+    editor_name: str,
+    tensors: Mapping[str, Tensor],
+    hparams: Mapping[str, Any],
+    base: Mapping[str, Any] | None = None,
+    extra: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write an editor artifact. ``path`` ending in ``.safetensors`` is a file, else a folder."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    file = path if path.suffix == ".safetensors" else path / ARTIFACT_FILE
+    file.parent.mkdir(parents=True, exist_ok=True)
+    header = {"format": ARTIFACT_FORMAT, "editor": editor_name, "hparams": dict(hparams),
+              "base": dict(base or {}), "extra": dict(extra or {})}
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(file),
+              metadata={META_KEY: json.dumps(header)})
+    log.info("wrote %s editor artifact %s (%.1f MB)", editor_name, file, file.stat().st_size / 2**20)
+    return file
+
+
+def base_model_identity(model: nn.Module, names: Sequence[str] | None = None) -> dict[str, Any]:
+    """Name of a base model plus a sha256 of some of its weights (cheap: not all of them).
+
+    ``names``: the parameters to hash (e.g. the weights an editor edits). Default: the
+    token embedding and the MLP output projection of the last block, from the Arch table.
+    """
+    from kedit.editors.base import base_identity
+
+    if names is None:
+        from kedit.models import arch_of
+
+        arch = arch_of(model)
+        params = dict(model.named_parameters())
+        last = arch.num_layers(model) - 1
+        names = [n for n in (f"{arch.embed}.weight", arch.mlp_out_weight(last)) if n in params]
+    ident = dict(base_identity(model, list(names)))
+    ident["weights"] = list(names)
+    return ident
+
+
+def check_base_identity(expected: Mapping[str, Any] | None, model: nn.Module, what: str = "editor") -> None:
+    """Raise :class:`BaseModelMismatch` unless ``model`` has the weights ``expected`` was made on."""
+    if not expected or not expected.get("hash"):
+        return
+    from kedit.editors.base import model_name, tensor_hash
+
+    names = list(expected.get("weights") or [])
+    params = dict(model.named_parameters())
+    missing = [n for n in names if n not in params]
+    got_name = model_name(model)
+    if missing:
+        raise BaseModelMismatch(
+            f"this {what} was trained for base model {expected.get('name')!r}, but the model given "
+            f"({got_name!r}, {type(model).__name__}) has no weight(s) {missing[:3]}. Load it onto "
+            f"{expected.get('name')!r}.")
+    shapes = expected.get("shapes") or {}
+    for n, shape in shapes.items():
+        if n in params and list(params[n].shape) != list(shape):
+            raise BaseModelMismatch(
+                f"this {what} was trained for base model {expected.get('name')!r}, but {n} of the "
+                f"model given ({got_name!r}) has shape {list(params[n].shape)}, not {shape}.")
+    got = tensor_hash({n: params[n] for n in names})
+    if got != expected["hash"]:
+        raise BaseModelMismatch(
+            f"this {what} was trained for base model {expected.get('name')!r} (weights hash "
+            f"{expected['hash'][:12]}…), but the model given is {got_name!r} whose weights hash to "
+            f"{got[:12]}…. A trained editor only works on the exact base model it was trained on: "
+            f"load {expected.get('name')!r} (in the same dtype), or train an editor for this model.")
+
+
+def load_editor(path: str | Path, model: nn.Module | None = None):
+    """Load a trained editor artifact as an :class:`~kedit.editors.base.Editor`.
+
+    >>> editor = kedit.load_editor("checkpoints/mend-smollm2-135m-counterfact.safetensors")
+    >>> edit = editor.edit(model, tok, {"prompt": "The capital of France is", "target_new": "Rome"})
+
+    If ``model`` is given, it is checked to be the base model the editor was trained on.
+    """
+    from kedit.editors.base import editor_class
+
+    meta = read_artifact_meta(path)
+    try:
+        cls = editor_class(meta["editor"])
+    except KeyError as err:
+        raise ValueError(f"{artifact_file(path)}: {err}") from None
+    if not hasattr(cls, "from_artifact"):
+        raise ValueError(f"{artifact_file(path)}: editor {meta['editor']!r} ({cls.__name__}) cannot be "
+                         "loaded from an artifact (no from_artifact)")
+    editor = cls.from_artifact(path)
+    if model is not None:
+        check_base_identity(meta.get("base"), model, what=f"{meta['editor']} editor")
+    return editor
+
+
+def torch_load_safe(path: str | Path) -> dict[str, Any]:
+    """``torch.load`` of a Lightning checkpoint without arbitrary code execution."""
+    return torch.load(str(path), map_location="cpu", weights_only=True)

@@ -1,0 +1,172 @@
+"""Lightning pieces shared by the learned editors (MEND, SERAC).
+
+* :class:`WandbLogger`: Lightning's W&B logger that goes offline when no W&B key is set up.
+* :class:`EditorCheckpointMixin`: checkpoints hold the editor only, never the frozen base
+  model, plus the base model's identity; loading onto another base model is refused.
+* :class:`ExportEditor` / :func:`export_checkpoint`: write an editor artifact
+  (safetensors, see :mod:`kedit.checkpoint`) at the end of fit or from a ``.ckpt``.
+* :func:`load_base`: the base model by name, including ``tiny-<family>`` test models.
+"""
+
+from __future__ import annotations
+
+import logging
+import netrc
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.loggers import WandbLogger as _WandbLogger
+from lightning.pytorch.utilities import rank_zero_only
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+CKPT_KEY = "kedit_editor"
+
+
+# --------------------------------------------------------------------------- W&B
+
+
+def wandb_key_configured() -> bool:
+    """Whether W&B credentials exist: ``WANDB_API_KEY`` or an ``api.wandb.ai`` entry in ~/.netrc."""
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        rc = netrc.netrc(os.environ.get("NETRC") or None)
+    except (FileNotFoundError, netrc.NetrcParseError, OSError):
+        return False
+    host = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai").split("://")[-1].rstrip("/")
+    return rc.authenticators(host) is not None
+
+
+class WandbLogger(_WandbLogger):
+    """``lightning.pytorch.loggers.WandbLogger`` that runs offline when no W&B key is configured.
+
+    Online when ``WANDB_API_KEY`` is set or ``wandb login`` wrote ~/.netrc; otherwise the run
+    is written to ``save_dir/wandb`` and can be uploaded later with ``wandb sync``.
+    ``WANDB_MODE`` in the environment wins over both.
+    """
+
+    def __init__(self, *args: Any, offline: bool | None = None, **kwargs: Any) -> None:
+        if offline is None:
+            mode = os.environ.get("WANDB_MODE", "")
+            offline = mode in ("offline", "disabled", "dryrun") or (not mode and not wandb_key_configured())
+            if offline and not mode:
+                log.info("no W&B key configured: logging offline (upload later with `wandb sync`)")
+        kwargs.setdefault("save_dir", "logs")
+        Path(kwargs["save_dir"]).mkdir(parents=True, exist_ok=True)
+        super().__init__(*args, offline=offline, **kwargs)
+
+
+# --------------------------------------------------------------------------- base model
+
+
+def load_base(name: str, dtype: str = "float32") -> tuple[nn.Module, Any]:
+    """(model, tokenizer): ``tiny-<family>`` (random tiny test model) or anything ``load_model`` reads."""
+    if name.startswith("tiny-"):
+        from kedit.testing import tiny_model
+
+        return tiny_model(name[len("tiny-"):])
+    from kedit.models import load_model
+
+    return load_model(name, dtype=dtype)
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+class EditorCheckpointMixin:
+    """For a LightningModule with a frozen base model at ``self.base``.
+
+    ``state_dict`` leaves out ``base.*`` (so ``.ckpt`` files hold only the editor), and the
+    checkpoint records the editor name, typed hparams and base identity under
+    ``checkpoint["kedit_editor"]``. Subclasses define ``editor_name``, ``artifact_prefix``
+    (state-dict prefix of the editor's tensors), ``editor_hparams()`` and ``base_identity()``.
+    """
+
+    editor_name: str = ""
+    artifact_prefix: str = ""
+    _BASE = "base."
+
+    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        sd = super().state_dict(*args, **kwargs)  # type: ignore[misc]
+        prefix = (kwargs.get("prefix") or (args[1] if len(args) > 1 else "")) + self._BASE
+        for key in [k for k in sd if k.startswith(prefix)]:
+            del sd[key]
+        return sd
+
+    def load_state_dict(self, state_dict: dict[str, Any], strict: bool = True, assign: bool = False):
+        result = super().load_state_dict(state_dict, strict=False, assign=assign)  # type: ignore[misc]
+        missing = [k for k in result.missing_keys if not k.startswith(self._BASE)]
+        if strict and (missing or result.unexpected_keys):
+            raise RuntimeError(f"{type(self).__name__}: checkpoint does not fit this editor: missing "
+                               f"{missing[:5]}, unexpected {result.unexpected_keys[:5]}")
+        return result
+
+    def editor_hparams(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def base_identity(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def artifact_extra(self) -> dict[str, Any]:
+        return {}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint[CKPT_KEY] = {"editor": self.editor_name, "hparams": self.editor_hparams(),
+                                "base": self.base_identity(), "prefix": self.artifact_prefix,
+                                "extra": self.artifact_extra()}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        from kedit.checkpoint import check_base_identity
+
+        meta = checkpoint.get(CKPT_KEY)
+        if meta:
+            check_base_identity(meta.get("base"), self.base, what=f"{meta.get('editor')} checkpoint")
+
+    def editor_tensors(self) -> dict[str, torch.Tensor]:
+        sd = self.state_dict()
+        p = self.artifact_prefix
+        return {k[len(p):]: v for k, v in sd.items() if k.startswith(p)}
+
+    def export_editor(self, path: str | Path) -> Path:
+        """Write this module's editor as a safetensors editor artifact."""
+        from kedit.checkpoint import save_artifact
+
+        return save_artifact(path, self.editor_name, self.editor_tensors(), self.editor_hparams(),
+                             self.base_identity(), self.artifact_extra())
+
+
+def export_checkpoint(ckpt: str | Path, out: str | Path) -> Path:
+    """Editor artifact from a Lightning checkpoint, without building the base model."""
+    from kedit.checkpoint import save_artifact, torch_load_safe
+
+    ckpt = Path(ckpt)
+    if not ckpt.is_file():
+        raise FileNotFoundError(f"no checkpoint at {ckpt}")
+    state = torch_load_safe(ckpt)
+    meta = state.get(CKPT_KEY)
+    if not meta:
+        raise ValueError(f"{ckpt} was not written by a kedit editor module (no {CKPT_KEY!r} entry)")
+    p = meta.get("prefix", "")
+    tensors = {k[len(p):]: v for k, v in state["state_dict"].items() if k.startswith(p)}
+    extra = dict(meta.get("extra") or {})
+    extra.update(global_step=state.get("global_step"), epoch=state.get("epoch"), source=str(ckpt))
+    return save_artifact(out, meta["editor"], tensors, meta["hparams"], meta.get("base"), extra)
+
+
+class ExportEditor(Callback):
+    """Write the editor artifact when fit ends (rank zero); ``python -m kedit.train fit --export PATH``."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    @rank_zero_only
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if not hasattr(pl_module, "export_editor"):
+            raise TypeError(f"{type(pl_module).__name__} has no export_editor(); cannot export an editor")
+        path = pl_module.export_editor(self.path)
+        log.info("exported editor artifact to %s", path)

@@ -1,0 +1,166 @@
+"""``EditDataModule``: edit / equivalent / locality examples for training learned editors.
+
+Reads any file :func:`kedit.data.load_requests` reads (the MEND-schema files
+``counterfact_train_mend.json`` and ``zsre_train_mend.json`` included). Each example is
+one edit request flattened to strings::
+
+    {"prompt": edit prompt, "target": new answer, "equiv": a paraphrase of the prompt,
+     "loc_prompt": an unrelated prompt, "loc_answer": its answer, "index": record index}
+
+A batch is a dict of lists (tokenization is the module's job: it owns the tokenizer).
+Under DDP, Lightning shards the loader with its DistributedSampler. The record order is a
+fixed seeded permutation (no per-epoch reshuffle), so a resumed run skips exactly the
+batches it has already trained on.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from typing import Any
+
+import torch
+from lightning.pytorch import LightningDataModule
+from torch.utils.data import DataLoader, Dataset
+
+log = logging.getLogger(__name__)
+
+
+class EditExamples(Dataset):
+    """Edit requests as flat string examples (see module docstring)."""
+
+    def __init__(self, requests: list, source: str = "") -> None:
+        if not requests:
+            raise ValueError(f"no edit requests in {source or 'the given records'}")
+        self.requests = requests
+        self.source = source
+
+    def __len__(self) -> int:
+        return len(self.requests)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        r = self.requests[i]
+        equiv = r.paraphrase_prompts[0] if r.paraphrase_prompts else r.prompt
+        if r.neighborhood:
+            loc_prompt, loc_answer = r.neighborhood[0].prompt, r.neighborhood[0].answer
+        else:  # no locality probe: another record's fact must stay as it was
+            other = self.requests[(i + 1) % len(self.requests)]
+            loc_prompt, loc_answer = other.prompt, other.target_true or other.target_new
+        return {"prompt": r.prompt, "target": r.target_new, "equiv": equiv,
+                "loc_prompt": loc_prompt, "loc_answer": loc_answer, "index": i}
+
+
+def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
+    batch: dict[str, Any] = {k: [it[k] for it in items] for k in items[0] if k != "index"}
+    batch["index"] = torch.tensor([it["index"] for it in items])
+    return batch
+
+
+class SkippingDataLoader(DataLoader):
+    """A DataLoader whose first iteration skips ``skip_batches`` batches (resume mid-epoch)."""
+
+    def __init__(self, *args: Any, skip_batches: int = 0, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.skip_batches = skip_batches
+
+    def __iter__(self):
+        it = super().__iter__()
+        skip, self.skip_batches = self.skip_batches, 0
+        for _ in range(skip):
+            next(it, None)
+        return it
+
+
+class EditDataModule(LightningDataModule):
+    """Edit / equivalent / locality batches from a file of edit requests."""
+
+    def __init__(
+        self,
+        train_path: str,
+        val_path: str | None = None,
+        val_size: int = 200,
+        batch_size: int = 4,
+        val_batch_size: int | None = None,
+        limit_train: int | None = None,
+        limit_val: int | None = None,
+        format: str = "auto",
+        seed: int = 0,
+        shuffle: bool = True,
+        num_workers: int = 0,
+    ) -> None:
+        """
+        Args:
+            train_path: Training edits: a MEND-schema JSON (e.g. counterfact_train_mend.json) or any
+                file kedit.data.load_requests reads.
+            val_path: Validation edits; if not given, ``val_size`` records are held out of train_path.
+            val_size: Records held out of train_path for validation when val_path is not given.
+            batch_size: Edits per step and per process (DDP: the global batch is this times the world size).
+            val_batch_size: Edits per validation step (default: batch_size).
+            limit_train: Use only the first N training records (after the split).
+            limit_val: Use only the first N validation records.
+            format: Record format for load_requests ("auto" detects it).
+            seed: Seed of the fixed record permutation and of the train/val split.
+            shuffle: Permute the training records once (seeded); false keeps file order.
+            num_workers: DataLoader worker processes.
+        """
+        super().__init__()
+        self.save_hyperparameters()
+        self.train_path, self.val_path, self.val_size = train_path, val_path, val_size
+        self.batch_size, self.val_batch_size = batch_size, val_batch_size or batch_size
+        self.limit_train, self.limit_val, self.format = limit_train, limit_val, format
+        self.seed, self.shuffle, self.num_workers = seed, shuffle, num_workers
+        self.train_set: EditExamples | None = None
+        self.val_set: EditExamples | None = None
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None:
+            return
+        from kedit.data.loaders import load_requests
+
+        train = load_requests(self.train_path, format=self.format)
+        order = list(range(len(train)))
+        rng = random.Random(self.seed)
+        if self.shuffle or self.val_path is None:
+            rng.shuffle(order)
+        if self.val_path is not None:
+            val = load_requests(self.val_path, format=self.format)
+        else:
+            if self.val_size >= len(train):
+                raise ValueError(f"{self.train_path}: val_size={self.val_size} leaves no training records "
+                                 f"(file has {len(train)})")
+            held = set(order[: self.val_size])
+            val = [train[i] for i in sorted(held)]
+            order = order[self.val_size:] if self.shuffle else [i for i in range(len(train)) if i not in held]
+        train = [train[i] for i in order]
+        if self.limit_train:
+            train = train[: self.limit_train]
+        if self.limit_val:
+            val = val[: self.limit_val]
+        self.train_set = EditExamples(train, self.train_path)
+        self.val_set = EditExamples(val, self.val_path or f"{self.train_path} (held out)")
+        log.info("EditDataModule: %d training and %d validation edits", len(train), len(val))
+
+    def _resume_skip(self) -> int:
+        """Batches of the current epoch a resumed run has already trained on."""
+        trainer = getattr(self, "trainer", None)
+        if trainer is None:
+            return 0
+        done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        n = len(self.train_dataloader_len())
+        return done if 0 < done < n else 0
+
+    def train_dataloader_len(self) -> range:
+        world = max(1, getattr(self.trainer, "world_size", 1) if getattr(self, "trainer", None) else 1)
+        per_rank = -(-len(self.train_set) // world)
+        return range(-(-per_rank // self.batch_size))
+
+    def train_dataloader(self) -> DataLoader:
+        skip = self._resume_skip()
+        if skip:
+            log.info("resuming mid-epoch: skipping %d batches already trained on", skip)
+        return SkippingDataLoader(self.train_set, batch_size=self.batch_size, shuffle=False,
+                                  collate_fn=collate, num_workers=self.num_workers, skip_batches=skip)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self.val_set, batch_size=self.val_batch_size, shuffle=False, collate_fn=collate,
+                          num_workers=self.num_workers)
