@@ -115,7 +115,7 @@ ARCHS: dict[str, Arch] = {
         attn_out="attention.dense",
         embed="gpt_neox.embed_in",
         final_norm="gpt_neox.final_layer_norm",
-        lm_head="embed_out",
+        lm_head="lm_head",  # "embed_out" before transformers 5
     ),
     "llama": _LLAMA_LIKE,
     "mistral": _LLAMA_LIKE,

