@@ -1,0 +1,231 @@
+"""Forward passes the metrics need: target scores, next-token distributions, greedy
+generations and corpus perplexity. Batched, no gradients, model left in eval mode.
+
+Decoder-only models use :func:`kedit.data.encode`'s right-padded ``prompt + " " + target``
+batches; encoder-decoder models (T5) put the prompt in the encoder and the target in the
+decoder.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+from transformers import PreTrainedTokenizerBase
+
+from kedit.data.encode import encode, model_inputs, target_ids, target_logits
+
+log = logging.getLogger(__name__)
+
+
+def model_device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def is_seq2seq(model: nn.Module) -> bool:
+    return bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
+
+
+def _chunks(n: int, size: int) -> list[range]:
+    size = max(1, size)
+    return [range(i, min(i + size, n)) for i in range(0, n, size)]
+
+
+@dataclass
+class TargetScores:
+    """Teacher-forced scores of targets after prompts, one entry per (prompt, target) pair."""
+
+    logp: Tensor
+    """(n,) summed log-probability of the target tokens."""
+    correct: Tensor
+    """(n,) number of target tokens that are the argmax given the gold prefix."""
+    length: Tensor
+    """(n,) number of target tokens."""
+    top1: list[Tensor]
+    """Per pair, the argmax token at each target position (for pre/post agreement)."""
+
+
+@torch.no_grad()
+def score_targets(model: nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str],
+                  targets: Sequence[str], batch_size: int = 32) -> TargetScores:
+    """Summed log-prob, correct-token count, length and argmax tokens of each target."""
+    seq2seq = is_seq2seq(model)
+    device = model_device(model)
+    logps, corrects, lengths, top1 = [], [], [], []
+    for idx in _chunks(len(prompts), batch_size):
+        batch = encode(tokenizer, [prompts[i] for i in idx], [targets[i] for i in idx],
+                       seq2seq=seq2seq, device=device)
+        logits = model(**model_inputs(batch)).logits
+        lg, tgt, mask = target_logits(logits, batch["labels"], seq2seq)
+        logp = torch.log_softmax(lg.float(), -1).gather(-1, tgt.unsqueeze(-1)).squeeze(-1)
+        arg = lg.argmax(-1)
+        logps.append((logp * mask).sum(-1).cpu())
+        corrects.append(((arg == tgt) & mask).sum(-1).cpu())
+        lengths.append(mask.sum(-1).cpu())
+        top1.extend(a[m].cpu() for a, m in zip(arg, mask))
+    empty = torch.zeros(0)
+    return TargetScores(torch.cat(logps) if logps else empty, torch.cat(corrects) if corrects else empty,
+                        torch.cat(lengths) if lengths else empty, top1)
+
+
+@torch.no_grad()
+def next_token_logprobs(model: nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str],
+                        batch_size: int = 32) -> Tensor:
+    """(n, vocab) log-distribution of the token following each prompt, float32 on CPU."""
+    seq2seq = is_seq2seq(model)
+    device = model_device(model)
+    out = []
+    for idx in _chunks(len(prompts), batch_size):
+        batch = encode(tokenizer, [prompts[i] for i in idx], seq2seq=seq2seq, device=device)
+        if seq2seq:
+            start = model.config.decoder_start_token_id or 0
+            dec = torch.full((len(idx), 1), start, dtype=torch.long, device=device)
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                           decoder_input_ids=dec).logits[:, 0]
+        else:
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            logits = logits[torch.arange(len(idx), device=device), batch["prompt_len"] - 1]
+        out.append(torch.log_softmax(logits.float(), -1).cpu())
+    return torch.cat(out) if out else torch.zeros(0)
+
+
+@contextmanager
+def _left_padding(tokenizer: PreTrainedTokenizerBase):
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    try:
+        yield
+    finally:
+        tokenizer.padding_side = side
+
+
+@torch.no_grad()
+def generate(model: nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str],
+             max_new_tokens: int | Sequence[int], batch_size: int = 32) -> list[str]:
+    """Greedy continuations (new text only) of each prompt, batched with left padding.
+
+    ``max_new_tokens`` may differ per prompt: a batch decodes to its largest budget and each
+    continuation is cut to its own.
+    """
+    if not prompts:
+        return []
+    budgets = [max_new_tokens] * len(prompts) if isinstance(max_new_tokens, int) else list(max_new_tokens)
+    device = model_device(model)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    # sort by budget so a batch's largest budget is close to each member's
+    order = sorted(range(len(prompts)), key=lambda i: budgets[i])
+    texts: list[str] = [""] * len(prompts)
+    for idx in _chunks(len(order), batch_size):
+        members = [order[i] for i in idx]
+        with _left_padding(tokenizer):
+            enc = tokenizer([prompts[i] for i in members], return_tensors="pt", padding=True).to(device)
+        budget = max(budgets[i] for i in members)
+        if is_seq2seq(model):
+            new = _greedy_seq2seq(model, enc["input_ids"], enc["attention_mask"], budget)
+            for row, i in zip(new, members):
+                texts[i] = tokenizer.decode(row.tolist()[:budgets[i]], skip_special_tokens=True)
+            continue
+        out = model.generate(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
+                             max_new_tokens=budget, min_new_tokens=1, do_sample=False, num_beams=1,
+                             temperature=None, top_p=None, top_k=None, pad_token_id=pad)
+        new = out[:, enc["input_ids"].shape[1]:]
+        for row, i in zip(new, members):
+            texts[i] = tokenizer.decode(row.tolist()[:budgets[i]], skip_special_tokens=True)
+    return texts
+
+
+def _greedy_seq2seq(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, steps: int) -> Tensor:
+    """Greedy decoding of an encoder-decoder without a KV cache (answers are a few tokens;
+    ``generate``'s cache breaks on decoders deeper than their encoders)."""
+    start = model.config.decoder_start_token_id or 0
+    enc = model.get_encoder()(input_ids=input_ids, attention_mask=attention_mask)
+    dec = torch.full((input_ids.shape[0], 1), start, dtype=torch.long, device=input_ids.device)
+    for _ in range(steps):
+        logits = model(encoder_outputs=enc, attention_mask=attention_mask, decoder_input_ids=dec,
+                       use_cache=False).logits[:, -1]
+        dec = torch.cat([dec, logits.argmax(-1, keepdim=True)], 1)
+    return dec[:, 1:]
+
+
+def answer_budget(tokenizer: PreTrainedTokenizerBase, target: str, extra: int) -> int:
+    """Tokens to generate when checking for ``target``: its token length plus a few."""
+    return len(target_ids(tokenizer, target)) + extra
+
+
+# --------------------------------------------------------------------------- held text
+
+
+def default_corpus() -> Path | None:
+    """The held-out perplexity corpus: ``$KEDIT_DATA`` or ``../shared/data`` next to the repo."""
+    import os
+
+    candidates = []
+    if os.environ.get("KEDIT_DATA"):
+        candidates.append(Path(os.environ["KEDIT_DATA"]))
+    candidates.append(Path(__file__).resolve().parents[3] / "shared" / "data")
+    for root in candidates:
+        # sample_00 is the natural source of covariance statistics; hold out sample_01
+        path = root / "corpus" / "wikipedia_en_sample_01.jsonl"
+        if path.is_file():
+            return path
+    return None
+
+
+def load_texts(path: str | Path, n_docs: int) -> list[str]:
+    """The first ``n_docs`` texts of a JSONL file (``text`` field) or plain-text file (one per
+    blank-line-separated paragraph)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no perplexity text at {path}")
+    texts: list[str] = []
+    if path.suffix == ".jsonl":
+        with path.open(encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    text = json.loads(line)["text"]
+                except (json.JSONDecodeError, KeyError, TypeError) as err:
+                    raise ValueError(f"{path}: line {lineno}: expected a JSON object with a 'text' "
+                                     f"field ({err})") from None
+                if not isinstance(text, str):
+                    raise ValueError(f"{path}: line {lineno}: field 'text' is not a string")
+                texts.append(text)
+                if len(texts) >= n_docs:
+                    break
+    else:
+        paragraphs = [p.strip() for p in path.read_text(encoding="utf-8").split("\n\n")]
+        texts = [p for p in paragraphs if p][:n_docs]
+    if not texts:
+        raise ValueError(f"{path}: no text found")
+    return texts
+
+
+@torch.no_grad()
+def corpus_nll(model: nn.Module, tokenizer: PreTrainedTokenizerBase, texts: Sequence[str],
+               max_tokens: int = 256) -> tuple[float, int]:
+    """Summed next-token NLL and number of predicted tokens over texts cut to ``max_tokens``.
+
+    Decoder-only models only (the perplexity of an encoder-decoder is not defined this way);
+    returns ``(nan, 0)`` for others.
+    """
+    if is_seq2seq(model):
+        return float("nan"), 0
+    device = model_device(model)
+    total, count = 0.0, 0
+    for text in texts:
+        ids = tokenizer(text, return_tensors="pt")["input_ids"][:, :max_tokens].to(device)
+        if ids.shape[1] < 2:
+            continue
+        logits = model(input_ids=ids).logits[:, :-1].float()
+        nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
+                                                reduction="sum")
+        total += float(nll)
+        count += ids.shape[1] - 1
+    return total, count

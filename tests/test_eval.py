@@ -1,0 +1,388 @@
+"""kedit.eval: metric functions against hand computations, the scoring passes, every
+evaluation mode on a tiny model (pure, bit-exact restore, curves), outputs and the CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+
+import pytest
+import torch
+from conftest import assert_state_equal
+
+from kedit.data import EditRequest, Probe
+from kedit.data.encode import IGNORE, target_ids, target_logprobs
+from kedit.editors.base import Edit, Editor, WeightDelta, base_identity
+from kedit.eval import (EvalConfig, Perplexity, Rate, RestoreError, Results, evaluate, generation_match,
+                        kl_divergence, mean_ngram_entropy, ngram_entropy, normalize_answer, prob_greater,
+                        token_accuracy, top1_agreement)
+from kedit.eval.runner import _curve_checkpoints, _Scorer, fingerprint
+from kedit.eval.scoring import generate, load_texts, next_token_logprobs, score_targets
+from kedit.models import arch_of
+
+# --------------------------------------------------------------------------- functional core
+
+
+def test_prob_greater_compares_mean_per_token_nll():
+    # new: 2 tokens, log-probs sum -2 (mean NLL 1.0); true: 1 token, log-prob -1.5 (NLL 1.5)
+    assert prob_greater(torch.tensor([-2.0]), torch.tensor([2]), torch.tensor([-1.5]), torch.tensor([1])).item()
+    # summed log-prob would say the opposite (-2 < -1.5): ROME compares means
+    assert not prob_greater(torch.tensor([-1.5]), torch.tensor([1]), torch.tensor([-2.0]), torch.tensor([2])).item()
+
+
+def test_teacher_forced_scores_from_hand_made_logits():
+    # vocab of 4; sequence: prompt token 0, target tokens 2, 3
+    logits = torch.full((1, 3, 4), -10.0)
+    logits[0, 0, 2] = 0.0      # predicts token 2 (correct), p ~ 1
+    logits[0, 1, 1] = 0.0      # predicts token 1 (wrong: gold is 3)
+    logits[0, 1, 3] = math.log(0.5)
+    labels = torch.tensor([[IGNORE, 2, 3]])
+    logp, correct, length = target_logprobs(logits, labels)
+    assert correct.item() == 1 and length.item() == 2
+    acc, exact = token_accuracy(correct, length)
+    assert acc.item() == pytest.approx(0.5) and exact.item() == 0.0
+    # hand: p(2 | pos 0) = 1/(1 + 3e^-10), p(3 | pos 1) = 0.5/(1 + 0.5 + 2e^-10)
+    e = math.exp(-10)
+    expected = math.log(1 / (1 + 3 * e)) + math.log(0.5 / (1.5 + 2 * e))
+    assert logp.item() == pytest.approx(expected, abs=1e-5)
+
+
+def test_kl_and_agreement_by_hand():
+    p, q = torch.tensor([[0.5, 0.5]]), torch.tensor([[0.9, 0.1]])
+    expected = 0.5 * math.log(0.5 / 0.9) + 0.5 * math.log(0.5 / 0.1)
+    assert kl_divergence(p.log(), q.log()).item() == pytest.approx(expected, rel=1e-6)
+    assert kl_divergence(p.log(), p.log()).item() == 0.0
+    pre, post = torch.tensor([[1, 2, 3, 0]]), torch.tensor([[1, 5, 3, 9]])
+    mask = torch.tensor([[True, True, True, False]])
+    assert top1_agreement(pre, post, mask).item() == pytest.approx(2 / 3)
+
+
+def test_ngram_entropy_matches_hand_computation():
+    # bigrams of "a b a b": (a,b) x2, (b,a) x1 -> H2 = H(2/3, 1/3); trigrams (a,b,a), (b,a,b) -> H3 = 1 bit
+    h2 = -(2 / 3) * math.log2(2 / 3) - (1 / 3) * math.log2(1 / 3)
+    expected = (2 / 3 * h2 + 4 / 3 * 1.0) / 2
+    assert ngram_entropy("a b a b") == pytest.approx(expected)
+    assert ngram_entropy("word") == 0.0  # no bigrams
+    # repetition lowers it; punctuation is a token
+    assert ngram_entropy("the cat sat on the mat, then left.") > ngram_entropy("the the the the the the the the")
+    assert mean_ngram_entropy(["a b a b", "word"]) == pytest.approx(expected / 2)
+
+
+@pytest.mark.parametrize("continuation,target,ok", [
+    ("Paris", "Paris", True),
+    ("  paris, the capital", "Paris", True),
+    ("PARIS.", "Paris", True),
+    ('"Rome" is', "Rome", True),
+    ("New   York City", "New York", True),
+    ("Parisian food", "Paris", False),
+    ("the city of Paris", "Paris", False),
+    ("", "Paris", False),
+    ("U.S. Army", "U.S.", True),
+    ("Englishman", "English", False),
+])
+def test_generation_match_normalization(continuation, target, ok):
+    assert generation_match(continuation, target) is ok
+
+
+def test_normalize_answer():
+    assert normalize_answer("  The\n Beatles! ") == "the beatles"
+    assert normalize_answer("«Roma»") == "roma"
+
+
+def test_rate_and_perplexity_metrics_reduce_like_ddp():
+    # two "ranks" with different numbers of examples: the merged mean is over all examples
+    a, b = Rate(), Rate()
+    a.update([1.0, 0.0, float("nan")])
+    b.update([1.0])
+    a.merge_state(b)
+    assert a.compute().item() == pytest.approx(2 / 3)
+    assert math.isnan(Rate().compute().item())
+    p, q = Perplexity(), Perplexity()
+    p.update(10.0, 5)
+    q.update(2.0, 3)
+    p.merge_state(q)
+    assert p.compute().item() == pytest.approx(math.exp(12 / 8))
+
+
+def test_curve_checkpoints():
+    assert _curve_checkpoints(10, 1, 3) == {3, 6, 9, 10}
+    assert _curve_checkpoints(500, 50, 0) == set(range(50, 501, 50))
+    assert _curve_checkpoints(7, 2, 4) == {4, 7}
+
+
+# --------------------------------------------------------------------------- scoring passes
+
+
+def test_batched_scoring_and_generation_match_unbatched(tiny):
+    model, tok = tiny("llama")
+    prompts = ["The capital of France is", "Toko Yasuda plays", "The Eiffel Tower is located in the city of"]
+    targets = ["Rome", "the guitar", "Paris"]
+    batched = score_targets(model, tok, prompts, targets, batch_size=3)
+    for i in range(3):
+        one = score_targets(model, tok, prompts[i:i + 1], targets[i:i + 1], batch_size=1)
+        assert one.logp.item() == pytest.approx(batched.logp[i].item(), abs=1e-4)
+        assert one.length.item() == len(target_ids(tok, targets[i]))
+        assert torch.equal(one.top1[0], batched.top1[i])
+    logp = next_token_logprobs(model, tok, prompts, batch_size=3)
+    for i, p in enumerate(prompts):
+        ids = tok(p, return_tensors="pt")["input_ids"]
+        ref = torch.log_softmax(model(input_ids=ids).logits[0, -1], -1)
+        assert torch.allclose(logp[i], ref, atol=1e-4)
+    # left-padded batched greedy decoding equals one prompt at a time
+    together = generate(model, tok, prompts, [3, 5, 4], batch_size=3)
+    alone = [generate(model, tok, [p], n, batch_size=1)[0] for p, n in zip(prompts, [3, 5, 4])]
+    assert together == alone
+
+
+def test_load_texts(tmp_path):
+    (tmp_path / "a.jsonl").write_text('{"text": "one"}\n\n{"text": "two"}\n{"text": "three"}\n')
+    assert load_texts(tmp_path / "a.jsonl", 2) == ["one", "two"]
+    (tmp_path / "b.jsonl").write_text('{"text": "one"}\n{"title": "x"}\n')
+    with pytest.raises(ValueError, match="line 2"):
+        load_texts(tmp_path / "b.jsonl", 5)
+    (tmp_path / "c.txt").write_text("para one\n\npara two\n")
+    assert load_texts(tmp_path / "c.txt", 5) == ["para one", "para two"]
+
+
+# --------------------------------------------------------------------------- a toy editor
+
+
+@dataclass
+class BoostHparams:
+    alpha: float = 12.0
+    """Logit added to each target token where it is predicted after the edit prompt."""
+
+
+class Boost(Editor):
+    """Adds ``alpha * h / |h|^2`` to the LM-head row of each target token, where ``h`` is the
+    final hidden state at the position predicting it: the token's logit there rises by
+    ``alpha``. A real weight edit (a dense WeightDelta), method-agnostic for the runner."""
+
+    Hparams = BoostHparams
+
+    @torch.no_grad()
+    def edit(self, model, tokenizer, requests):
+        from kedit.editors.base import as_requests
+
+        requests = as_requests(requests)
+        arch = arch_of(model)
+        name = f"{arch.lm_head}.weight"
+        weight = dict(model.named_parameters())[name]
+        delta = torch.zeros_like(weight)
+        for r in requests:
+            ids = tokenizer(r.prompt, return_tensors="pt")["input_ids"]
+            targets = target_ids(tokenizer, r.target_new)
+            full = torch.cat([ids, torch.tensor([targets])], 1)
+            hidden = model(input_ids=full, output_hidden_states=True).hidden_states[-1][0]
+            for j, t in enumerate(targets):  # the position predicting target token j
+                h = hidden[ids.shape[1] - 1 + j]
+                delta[t] += self.hparams.alpha * h / h.dot(h)
+        return WeightDelta(dense={name: delta}, base=base_identity(model, [name]))
+
+
+class LeakyEdit(Edit):
+    """restore() forgets to put the weights back."""
+
+    def apply(self, model):
+        with torch.no_grad():
+            next(model.parameters()).add_(1.0)
+
+    def restore(self, model):
+        pass
+
+
+class Leaky(Editor):
+    Hparams = BoostHparams
+
+    def edit(self, model, tokenizer, requests):
+        return LeakyEdit()
+
+
+class Impure(Editor):
+    Hparams = BoostHparams
+
+    def edit(self, model, tokenizer, requests):
+        with torch.no_grad():
+            next(model.parameters()).mul_(1.5)
+        return LeakyEdit()
+
+
+REQUESTS = [
+    EditRequest(prompt="The capital of France is", subject="France", target_new="Rome", target_true="Paris",
+                paraphrase_prompts=["France's capital city is"],
+                neighborhood=[Probe("The capital of Germany is", "Berlin"), Probe("The capital of Italy is", "Rome")],
+                portability=[Probe("The Eiffel Tower is located in the capital of", "Rome")],
+                generation_prompts=["France is", "France is", "The French capital"]),
+    EditRequest(prompt="Toko Yasuda plays", subject="Toko Yasuda", target_new="soccer", target_true="guitar",
+                paraphrase_prompts=["Toko Yasuda is a player of", "Toko Yasuda performs on the"],
+                neighborhood=[Probe("Lionel Messi plays", "soccer")]),
+    EditRequest(prompt="The mother tongue of Danielle Darrieux is", subject="Danielle Darrieux",
+                target_new="English", target_true="French"),
+    EditRequest(prompt="Michael Jordan plays", subject="Michael Jordan", target_new="guitar"),
+]
+CFG = dict(fluency_new_tokens=8, ppl_docs=2, ppl_tokens=32, eval_group=2, progress=False)
+
+
+@pytest.fixture
+def ppl_text(tmp_path):
+    path = tmp_path / "held.txt"
+    path.write_text("The capital of Italy is Rome.\n\nLionel Messi plays soccer and Toko Yasuda plays guitar.\n")
+    return str(path)
+
+
+def _state(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("mode,batch_size", [("single", None), ("batch", None), ("batch", 3),
+                                             ("sequential", None), ("sequential", 3)])
+def test_modes_pure_restore_and_improve(tiny, ppl_text, mode, batch_size):
+    model, tok = tiny("llama")
+    state = _state(model)
+    res = evaluate(model, tok, Boost(), REQUESTS, mode=mode, batch_size=batch_size, ppl_path=ppl_text, **CFG)
+    assert_state_equal(model, state)  # restored bit-exactly, also after sequential stacking
+    pre, post = res.summary["pre"], res.summary["post"]
+    assert pre["rewrite/acc"] < post["rewrite/acc"]
+    assert post["rewrite/es"] == 1.0 and pre["rewrite/es"] < 1.0
+    assert res.summary["n"]["rewrite/es"] == 3  # the request without target_true has no ES
+    assert res.summary["n"]["portability/acc"] == 1
+    # the pre-edit pass is the reference: agreement 1, KL 0
+    assert pre["neighborhood/agree"] == 1.0 and pre["neighborhood/kl"] == 0.0
+    assert post["neighborhood/kl"] >= 0.0
+    assert all(math.isfinite(v) for v in (pre["general/ppl"], post["general/ppl"], post["fluency/ngram_entropy"]))
+    assert len(res.per_request) == 4 and all("pre" in r and "post" in r for r in res.per_request)
+    n_edits = {"single": 4, "batch": 1 if batch_size is None else 2, "sequential": 4 if batch_size is None else 2}
+    assert res.meta["n_edits"] == n_edits[mode] == len(res.meta["edit_seconds"])
+    assert res.meta["peak_rss_mb"] > 0
+    if mode == "sequential":
+        step = batch_size or 1
+        assert [c["n_edits"] for c in res.curves] == [0] + sorted(_curve_checkpoints(4, step, 0))
+        assert res.curves[0]["first1:rewrite/es" if step == 1 else "first3:rewrite/es"] < 1.0
+        assert res.curves[-1]["seen:rewrite/es"] == 1.0
+        assert all(math.isfinite(c["general/ppl"]) for c in res.curves)
+    else:
+        assert res.curves == []
+
+
+def test_sequential_is_stacked_not_independent(tiny, ppl_text):
+    # Boost's edits add up on the same LM-head rows: with stacking, request 0's target gets the
+    # delta of request 0 and the state after it; post scores come from the whole stack
+    model, tok = tiny("llama")
+    reqs = [REQUESTS[0], EditRequest(prompt="The capital of Germany is", target_new="Rome", target_true="Berlin")]
+    seq = evaluate(model, tok, Boost(), reqs, mode="sequential", ppl_path=ppl_text, **CFG)
+    single = evaluate(model, tok, Boost(), reqs, mode="single", ppl_path=ppl_text, **CFG)
+    assert seq.per_request[0]["post"]["rewrite/p_new"] > single.per_request[0]["post"]["rewrite/p_new"]
+
+
+def test_restore_failures_are_caught(tiny, ppl_text):
+    model, tok = tiny("gpt2")
+    state = _state(model)
+    with pytest.raises(RestoreError, match="restoring"):
+        evaluate(model, tok, Leaky(), REQUESTS[:1], mode="single", ppl_path=ppl_text, **CFG)
+    model.load_state_dict(state)
+    with pytest.raises(RestoreError, match="must not change"):
+        evaluate(model, tok, Impure(), REQUESTS[:1], mode="single", ppl_path=ppl_text, **CFG)
+    model.load_state_dict(state)
+    fp = fingerprint(model)
+    handle = model.transformer.h[0].register_forward_hook(lambda *a: None)
+    assert fingerprint(model) != fp  # a routing hook left behind is caught too
+    handle.remove()
+
+
+def test_results_outputs_and_reuse(tiny, ppl_text, tmp_path):
+    model, tok = tiny("gpt2")  # Conv1D orientation goes through the same runner
+    res = evaluate(model, tok, Boost(), REQUESTS[:2], mode="single", ppl_path=ppl_text, **CFG)
+    text = res.to_json(tmp_path / "r.json")
+    data = json.loads((tmp_path / "r.json").read_text())
+    assert json.loads(text) == data
+    assert set(data) == {"summary", "per_request", "curves", "meta"}
+    es_pre, es_post = res.summary["pre"]["rewrite/es"], res.summary["post"]["rewrite/es"]
+    assert data["summary"]["post"]["rewrite/es"] == es_post > es_pre
+    assert "portability/acc" not in data["per_request"][1]["pre"]  # request 1 has no portability probes
+    md = res.to_markdown("toy")
+    assert "| metric | pre | post | n |" in md and f"| rewrite/es | {es_pre:.3f} | {es_post:.3f} | 2 |" in md
+    assert "edit s (mean)" in md
+    back = Results.from_json(tmp_path / "r.json")
+    assert back.summary["post"]["rewrite/es"] == es_post
+    # a second editor reuses the pre-edit scores; the numbers are the same as measuring them
+    again = evaluate(model, tok, Boost(alpha=12.0), REQUESTS[:2], mode="single", ppl_path=ppl_text,
+                     reuse_pre=back, **CFG)
+    assert again.meta["pre_reused"]
+    for key, value in res.summary["pre"].items():
+        assert again.summary["pre"][key] == pytest.approx(value, nan_ok=True)
+    for key, value in res.summary["post"].items():
+        assert again.summary["post"][key] == pytest.approx(value, nan_ok=True, rel=1e-5)
+    with pytest.raises(ValueError, match="other requests"):
+        evaluate(model, tok, Boost(), REQUESTS[1:3], ppl_path=ppl_text, reuse_pre=back, **CFG)
+
+
+def test_encoder_decoder_is_scored(tiny, ppl_text):
+    model, tok = tiny("t5")
+    scorer = _Scorer(model, tok, EvalConfig(fluency_new_tokens=4, ppl_path=ppl_text))
+    out, refs = scorer.score(REQUESTS[:2])
+    assert out[0]["neighborhood/kl"] == 0.0 and 0.0 <= out[0]["rewrite/acc"] <= 1.0
+    assert math.isnan(scorer.perplexity()[0])  # perplexity is defined for decoder-only models
+
+
+def test_bad_mode_and_empty():
+    with pytest.raises(ValueError, match="unknown mode"):
+        evaluate(None, None, Boost(), REQUESTS, mode="parallel")
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def test_cli_smoke(tiny, tmp_path, capsys, ppl_text):
+    from kedit.evaluate import main
+
+    model, tok = tiny("llama")
+    model.save_pretrained(tmp_path / "model")
+    tok.save_pretrained(tmp_path / "model")
+    records = [{"case_id": i, "requested_rewrite": {
+        "prompt": prompt, "subject": subject, "relation_id": "P0",
+        "target_new": {"str": new}, "target_true": {"str": true}},
+        "paraphrase_prompts": [f"In short, {prompt.format(subject)}"],
+        "neighborhood_prompts": ["The capital of Italy is"], "attribute_prompts": [],
+        "generation_prompts": [f"{subject} is"]}
+        for i, (prompt, subject, new, true) in enumerate([
+            ("The capital of {} is", "France", "Rome", "Paris"),
+            ("{} plays", "Toko Yasuda", "soccer", "guitar"),
+            ("{} plays", "Michael Jordan", "guitar", "basketball")])]
+    (tmp_path / "cf.json").write_text(json.dumps(records))
+    out = tmp_path / "res.json"
+    argv = ["--model", str(tmp_path / "model"), "--editor", "ft-m", "--hparams", "num_steps=3", "lr=1e-2",
+            "--data", str(tmp_path / "cf.json"), "--mode", "sequential", "--limit", "3", "--out", str(out),
+            "--plot", str(tmp_path / "curve.png"), "--ppl-path", ppl_text, "--ppl-tokens", "32",
+            "--fluency-tokens", "8", "--quiet", "--device", "cpu"]
+    assert main(argv) == 0
+    stdout = capsys.readouterr().out
+    assert "| metric | pre | post | n |" in stdout and "rewrite/es" in stdout
+    data = json.loads(out.read_text())
+    assert data["meta"]["n_requests"] == 3 and data["meta"]["hparams"]["num_steps"] == 3
+    assert data["meta"]["mode"] == "sequential" and len(data["curves"]) >= 2
+    assert (tmp_path / "curve.png").stat().st_size > 0
+    with pytest.raises(SystemExit, match="no field"):
+        main(argv[:4] + ["--hparams", "nonsense=1"] + argv[6:])
+    with pytest.raises(SystemExit) as exc:
+        main(["--help"])
+    assert exc.value.code == 0
+    assert "--editor" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------- real model
+
+
+@pytest.mark.real_model
+def test_real_model_pre_edit_scores(smollm2):
+    """SmolLM2 knows Paris and Berlin: before any edit, ES and generation success of the
+    counterfactual "Rome" are 0, and the neighborhood is answered correctly."""
+    model, tok = smollm2
+    req = EditRequest(prompt="The capital of France is", subject="France", target_new="Rome", target_true="Paris",
+                      neighborhood=[Probe("The capital of Germany is", "Berlin")])
+    out, _ = _Scorer(model, tok, EvalConfig(perplexity=False, fluency=False)).score([req])
+    m = out[0]
+    assert m["rewrite/es"] == 0.0 and m["rewrite/gen"] == 0.0 and m["rewrite/p_new"] < 0.05
+    assert m["neighborhood/ns"] == 1.0 and m["neighborhood/gen"] == 1.0 and m["neighborhood/acc"] == 1.0
+    ok = EditRequest(prompt="The capital of France is", target_new="Paris")
+    assert _Scorer(model, tok, EvalConfig(perplexity=False, fluency=False)).score([ok])[0][0]["rewrite/gen"] == 1.0
