@@ -40,11 +40,13 @@ def tiny_tokenizer(vocab_size: int = 320):
 FAMILIES = ["gpt2", "gptj", "gpt_neox", "llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "t5"]
 
 
-def tiny_config(family: str, vocab_size: int):
+def tiny_config(family: str, vocab_size: int, **overrides):
+    """The config of a tiny ``family`` model; ``overrides`` are passed to the config class
+    (e.g. special token ids: set at construction, GPT-2's default 50256 would be out of range)."""
     import transformers as tf
 
     d, layers, heads, ff = 32, 3, 4, 64
-    common = dict(vocab_size=vocab_size, tie_word_embeddings=False)
+    common = dict(vocab_size=vocab_size, tie_word_embeddings=False, **overrides)
     if family == "gpt2":
         return tf.GPT2Config(n_layer=layers, n_embd=d, n_head=heads, n_positions=128, **common)
     if family == "gptj":
@@ -77,10 +79,8 @@ def tiny_model(family: str = "llama", seed: int = 0) -> tuple[nn.Module, object]
     import transformers as tf
 
     tok = tiny_tokenizer()
-    config = tiny_config(family, len(tok))
-    config.pad_token_id = tok.pad_token_id
-    config.eos_token_id = tok.eos_token_id
-    config.bos_token_id = tok.bos_token_id
+    config = tiny_config(family, len(tok), pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                         bos_token_id=tok.bos_token_id)
     torch.manual_seed(seed)
     cls = tf.AutoModelForSeq2SeqLM if family == "t5" else tf.AutoModelForCausalLM
     model = cls.from_config(config, dtype=torch.float32)
