@@ -603,9 +603,15 @@ class SERAC(Editor):
         """The counterfactual LM (None for 'base': the edited model itself is used)."""
         if self.hparams.counterfactual == BASE or self.cf_model is not None:
             return
-        from kedit.models import load_model
+        name = self.hparams.counterfactual
+        if name.startswith("tiny-"):  # random tiny test models (kedit.testing)
+            from kedit.testing import tiny_model
 
-        self.cf_model, self.cf_tokenizer = load_model(self.hparams.counterfactual)
+            self.cf_model, self.cf_tokenizer = tiny_model(name[len("tiny-"):])
+        else:
+            from kedit.models import load_model
+
+            self.cf_model, self.cf_tokenizer = load_model(name)
         self.cf_model.requires_grad_(False)
 
     def prepare(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase) -> None:
