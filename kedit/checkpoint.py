@@ -111,8 +111,9 @@ def save_artifact(
 def base_model_identity(model: nn.Module, names: Sequence[str] | None = None) -> dict[str, Any]:
     """Name of a base model plus a sha256 of some of its weights (cheap: not all of them).
 
-    ``names``: the parameters to hash (e.g. the weights an editor edits). Default: the
-    token embedding and the MLP output projection of the last block, from the Arch table.
+    ``names``: the parameters to hash. Default: the token embedding, the first block's
+    attention output projection and the final norm (from the Arch table): weights that
+    editors do not change, so the identity survives earlier edits (sequential editing).
     """
     from kedit.editors.base import base_identity
 
@@ -121,8 +122,8 @@ def base_model_identity(model: nn.Module, names: Sequence[str] | None = None) ->
 
         arch = arch_of(model)
         params = dict(model.named_parameters())
-        last = arch.num_layers(model) - 1
-        names = [n for n in (f"{arch.embed}.weight", arch.mlp_out_weight(last)) if n in params]
+        candidates = (f"{arch.embed}.weight", f"{arch.attn_out_module(0)}.weight", f"{arch.final_norm}.weight")
+        names = [n for n in candidates if n in params]
     ident = dict(base_identity(model, list(names)))
     ident["weights"] = list(names)
     return ident

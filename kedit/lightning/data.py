@@ -84,6 +84,7 @@ class EditDataModule(LightningDataModule):
         limit_train: int | None = None,
         limit_val: int | None = None,
         format: str = "auto",
+        on_error: str = "skip",
         seed: int = 0,
         shuffle: bool = True,
         num_workers: int = 0,
@@ -99,6 +100,7 @@ class EditDataModule(LightningDataModule):
             limit_train: Use only the first N training records (after the split).
             limit_val: Use only the first N validation records.
             format: Record format for load_requests ("auto" detects it).
+            on_error: Bad records: "skip" drops them (logged), "raise" stops at the first one.
             seed: Seed of the fixed record permutation and of the train/val split.
             shuffle: Permute the training records once (seeded); false keeps file order.
             num_workers: DataLoader worker processes.
@@ -108,6 +110,7 @@ class EditDataModule(LightningDataModule):
         self.train_path, self.val_path, self.val_size = train_path, val_path, val_size
         self.batch_size, self.val_batch_size = batch_size, val_batch_size or batch_size
         self.limit_train, self.limit_val, self.format = limit_train, limit_val, format
+        self.on_error = on_error
         self.seed, self.shuffle, self.num_workers = seed, shuffle, num_workers
         self.train_set: EditExamples | None = None
         self.val_set: EditExamples | None = None
@@ -117,13 +120,13 @@ class EditDataModule(LightningDataModule):
             return
         from kedit.data.loaders import load_requests
 
-        train = load_requests(self.train_path, format=self.format)
+        train = load_requests(self.train_path, format=self.format, on_error=self.on_error)
         order = list(range(len(train)))
         rng = random.Random(self.seed)
         if self.shuffle or self.val_path is None:
             rng.shuffle(order)
         if self.val_path is not None:
-            val = load_requests(self.val_path, format=self.format)
+            val = load_requests(self.val_path, format=self.format, on_error=self.on_error)
         else:
             if self.val_size >= len(train):
                 raise ValueError(f"{self.train_path}: val_size={self.val_size} leaves no training records "

@@ -15,8 +15,10 @@ hparams and the base identity are saved).
 
 from __future__ import annotations
 
-import dataclasses
 import logging
+import resource
+import sys
+import time
 from typing import Any
 
 import torch
@@ -24,12 +26,20 @@ from lightning.pytorch import LightningModule
 from torch import Tensor
 from torchmetrics import MeanMetric
 
-from kedit.data.encode import encode, model_inputs, target_logprobs
+from kedit.data.encode import encode, model_inputs, target_logits, target_logprobs
 from kedit.editors.mend import MEND, MENDHparams, MENDNet, edited_weights, gradient_inputs, mean_nll, weight_dims
 from kedit.lightning.common import EditorCheckpointMixin, load_base
 from kedit.models import arch_of
 
 log = logging.getLogger(__name__)
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak GPU memory allocated on ``device`` (CUDA), else the process's peak resident memory."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 2**20 if sys.platform == "darwin" else rss / 1024
 
 
 def locality_kl(pre_logits: Tensor, post_logits: Tensor, mask: Tensor) -> Tensor:
@@ -135,28 +145,29 @@ class MENDModule(EditorCheckpointMixin, LightningModule):
                 left, right = self.arch.low_rank_factors(left, right)
                 edited[name] = params[name] + (left @ right.T).to(params[name].dtype)
             prompts = ([batch["prompt"][i]] if self.cfg.edit_on_prompt or evaluate else []) + [batch["equiv"][i]]
-            eq = self._encode(prompts, [batch["target"][i]] * len(prompts))
-            eq_logits = self._forward(edited, eq)
-            nll = mean_nll(eq_logits, eq["labels"], self.seq2seq).mean()
-            loc_i = {k: v[i:i + 1] for k, v in loc.items()}
-            post_loc = self._forward(edited, loc_i)
-            n_loc = min(post_loc.shape[1], pre_loc.shape[1])
-            kl = locality_kl(pre_loc[i:i + 1, :n_loc], post_loc[:, :n_loc], loc_mask[i:i + 1, :n_loc])
+            k = len(prompts)
+            # one forward per example: its edit/equivalent prompts and its locality prompt
+            both = self._encode(prompts + [batch["loc_prompt"][i]],
+                                [batch["target"][i]] * k + [batch["loc_answer"][i]])
+            logits = self._forward(edited, both)
+            eq_logits, eq_labels = logits[:k], both["labels"][:k]
+            nll = mean_nll(eq_logits, eq_labels, self.seq2seq).mean()
+            width = min(logits.shape[1], pre_loc.shape[1])
+            post_i, pre_i = logits[k:, :width], pre_loc[i:i + 1, :width]
+            mask_i = loc_mask[i:i + 1, :width]
+            kl = locality_kl(pre_i, post_i, mask_i)
             losses.append(self.cfg.c_edit * nll + self.cfg.c_loc * kl)
             nlls.append(nll.detach())
             kls.append(kl.detach())
             with torch.no_grad():
-                _, correct, length = target_logprobs(eq_logits, eq["labels"], self.seq2seq)
+                _, correct, length = target_logprobs(eq_logits, eq_labels, self.seq2seq)
                 ok = (correct == length).float()
                 if evaluate:
                     es.append(ok[0])
                     ps.append(ok[-1])
                     # teacher-forced locality: the loc answer tokens keep their pre-edit argmax
-                    ans = loc_i["labels"]
-                    from kedit.data.encode import target_logits
-
-                    pre_l, _, m = target_logits(pre_loc[i:i + 1, :n_loc], ans[:, :n_loc], self.seq2seq)
-                    post_l, _, _ = target_logits(post_loc[:, :n_loc], ans[:, :n_loc], self.seq2seq)
+                    pre_l, _, m = target_logits(pre_i, loc["labels"][i:i + 1, :width], self.seq2seq)
+                    post_l, _, _ = target_logits(post_i, loc["labels"][i:i + 1, :width], self.seq2seq)
                     agree = ((pre_l.argmax(-1) == post_l.argmax(-1)) & m).sum() / m.sum().clamp(min=1)
                     locs.append(agree.float())
                 else:
@@ -168,8 +179,15 @@ class MENDModule(EditorCheckpointMixin, LightningModule):
             out["locality"] = torch.stack(locs)
         return out
 
+    def on_train_start(self) -> None:
+        self._t0, self._step0 = time.perf_counter(), self.global_step
+
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         out = self._step(batch, evaluate=False)
+        steps = self.global_step - getattr(self, "_step0", 0) + 1
+        elapsed = time.perf_counter() - getattr(self, "_t0", time.perf_counter())
+        self.log("perf/steps_per_s", steps / max(elapsed, 1e-9), batch_size=1)
+        self.log("perf/peak_mem_mb", peak_memory_mb(self.device), batch_size=1)
         n = len(batch["prompt"])
         self.log("train/loss", out["loss"], batch_size=n, prog_bar=True)
         self.log("train/edit_nll", out["edit_nll"], batch_size=n, prog_bar=True)
