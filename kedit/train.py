@@ -40,6 +40,30 @@ def _cli_class():
     return KeditCLI
 
 
+def build_parser(exit_on_error: bool = False):
+    """The parser of ``python -m kedit.train`` without running or instantiating anything.
+
+    ``build_parser().parse_args(["fit", "--config", ..., "--trainer", ...])`` checks a
+    configuration the way the CLI reads it (types included): used by the config tests.
+    """
+    from jsonargparse import set_parsing_settings
+    from lightning.pytorch import LightningDataModule, LightningModule, Trainer
+    from lightning.pytorch.cli import LightningArgumentParser
+
+    set_parsing_settings(docstring_parse_attribute_docstrings=True)
+    cls = _cli_class()
+    cli = cls.__new__(cls)  # LightningCLI.__init__ up to setup_parser, without parsing argv
+    cli.save_config_callback, cli.save_config_kwargs = None, {}
+    cli.trainer_class, cli.trainer_defaults = Trainer, {}
+    cli.seed_everything_default, cli.auto_configure_optimizers = True, True
+    cli.parser_kwargs, cli.parser_class = {}, LightningArgumentParser
+    cli.model_class, cli._model_class, cli.subclass_mode_model = None, LightningModule, True
+    cli.datamodule_class, cli._datamodule_class, cli.subclass_mode_data = None, LightningDataModule, True
+    sub = {name: {"exit_on_error": exit_on_error} for name in cli.subcommands()}
+    cli.setup_parser(True, {"exit_on_error": exit_on_error}, sub)
+    return cli.parser
+
+
 def export(ckpt: str | Path, out: str | Path) -> Path:
     """Write the editor of a Lightning checkpoint (``.ckpt``) as an editor artifact."""
     from kedit.lightning.common import export_checkpoint
@@ -76,7 +100,7 @@ def main(args: list[str] | None = None) -> None:
         subclass_mode_model=True,
         subclass_mode_data=True,
         save_config_kwargs={"overwrite": True},
-        args=argv,
+        args=args,
     )
 
 
