@@ -2,8 +2,10 @@
 
 from kedit.data.encode import encode, target_ids
 from kedit.data.request import EditRequest, Probe, RequestError
+from kedit.data.loaders import LoadReport, load_mquake_cases, load_requests, load_requests_with_report  # noqa: E402
 
-__all__ = ["EditRequest", "Probe", "RequestError", "encode", "target_ids", "to_requests"]
+__all__ = ["EditRequest", "LoadReport", "Probe", "RequestError", "encode", "load_mquake_cases", "load_requests",
+           "load_requests_with_report", "target_ids", "to_requests"]
 
 
 def to_requests(records, **kwargs):

@@ -80,13 +80,14 @@ class LoadReport:
 # --------------------------------------------------------------------------- reading
 
 
-def _describe(source: Any) -> str:
+def _describe(source: Any) -> str | None:
+    """How errors name the source: a path, a dataset, or nothing for in-memory records."""
     if isinstance(source, (str, os.PathLike)):
         return str(source)
     if _is_hf_dataset(source):
         name = getattr(getattr(source, "info", None), "dataset_name", None)
         return f"<datasets.Dataset {name}>" if name else "<datasets.Dataset>"
-    return f"<{type(source).__name__}>"
+    return None
 
 
 def _is_hf_dataset(obj: Any) -> bool:
@@ -185,7 +186,7 @@ def _records(source: Any, on_error: OnError, report: LoadReport) -> Iterable[Any
         return read_records(source, on_error, report)
     if _is_hf_dataset(source):
         if not hasattr(source, "column_names") or isinstance(getattr(source, "column_names"), dict):
-            raise TypeError(f"{_describe(source)}: pass one split of a DatasetDict, e.g. ds['train']")
+            raise TypeError("pass one split of a DatasetDict, e.g. ds['train']")
         return source
     if isinstance(source, (EditRequest, Mapping)):
         return [source]
@@ -411,9 +412,11 @@ def _mquake_case(r: _Record) -> list[Converted]:
     new_answer = r.str("new_answer")
     questions = r.strs("questions")
     out = []
-    for j, _ in enumerate(rewrites):
+    for j in range(len(rewrites)):
         p = f"requested_rewrite.{j}"
-        sub = _Record(_index_path(r, "requested_rewrite", j), r.src, r.index)
+        if not isinstance(rewrites[j], Mapping):
+            raise r.error(p, f"expected an object, got {type(rewrites[j]).__name__}")
+        sub = _Record(rewrites[j], r.src, r.index)
         try:
             template = sub.str("prompt")
             subject = sub.str("subject")
@@ -439,10 +442,6 @@ def _mquake_case(r: _Record) -> list[Converted]:
         names["portability"] = "questions"
         out.append((kw, names))
     return out
-
-
-def _index_path(r: _Record, key: str, j: int) -> Any:
-    return r.rec[key][j]
 
 
 _CONVERTERS: dict[str, Callable[[_Record], Converted]] = {
@@ -582,7 +581,7 @@ def load_requests_with_report(source: Any, format: str = "auto", on_error: OnErr
     if limit is not None and limit < 0:
         raise ValueError(f"limit must be >= 0, got {limit}")
     src = _describe(source)
-    report = LoadReport(src, format=format if format != "auto" else "")
+    report = LoadReport(src or "<records>", format=format if format != "auto" else "")
     records = _records(source, on_error, report)
     requests = list(_iter_requests(records, format, src, on_error, report, limit))
     if report.skipped:
@@ -610,7 +609,7 @@ def to_requests(records: Any, source: str | None = None, on_error: OnError = "ra
                 format: str = "auto") -> list[EditRequest]:
     """Plain dicts (EditRequest field names, or any known format) / EditRequests -> checked
     EditRequests. Used by every editor through ``as_requests``."""
-    report = LoadReport(source or _describe(records))
+    report = LoadReport(source or "<records>")
     if isinstance(records, (EditRequest, Mapping)):
         records = [records]
     return list(_iter_requests(records, format, source, on_error, report, None))
@@ -639,7 +638,7 @@ class MQuAKECase:
 def load_mquake_cases(source: Any, on_error: OnError = "raise", limit: int | None = None) -> list[MQuAKECase]:
     """MQuAKE cases as groups (``limit`` counts cases)."""
     src = _describe(source)
-    report = LoadReport(src, format="mquake")
+    report = LoadReport(src or "<records>", format="mquake")
     cases = []
     for index, rec in enumerate(_records(source, on_error, report)):
         if limit is not None and len(cases) >= limit:
@@ -657,5 +656,5 @@ def load_mquake_cases(source: Any, on_error: OnError = "raise", limit: int | Non
                 raise
             report.skipped.append(err)
     if report.skipped:
-        log.warning("%s: %d MQuAKE cases skipped; first: %s", src, len(report.skipped), report.skipped[0])
+        log.warning("%s: %d MQuAKE cases skipped; first: %s", report.source, len(report.skipped), report.skipped[0])
     return cases
