@@ -1,0 +1,165 @@
+"""ROME: Rank-One Model Editing (Meng et al., 2022), with the r-ROME key fix.
+
+For each request, at one layer ``L`` of the MLP output projection ``W`` (d_out × d_in):
+
+1. ``k*``: the input of ``W`` at the subject's last token, averaged over context templates
+   the model generates itself (Eq. 3);
+2. ``δ``: optimized so that adding it to ``W``'s output at that token makes the model
+   predict ``target_new`` (Eq. 4: NLL + KL essence term + weight decay, norm clamp);
+3. the rank-one update ``ΔW = δ (C⁻¹k*)ᵀ / (k*ᵀ C⁻¹ k*)`` (Eq. 2), so that ``ΔW k* = δ``
+   while disturbing other keys least under ``C = E[k kᵀ]``.
+
+r-ROME (Gupta et al., 2024): plain ROME computes ``u = C⁻¹k*`` with the template-averaged
+key but divides by the key of the bare prompt; that mismatch makes some edits explode and
+collapses the model under sequential editing. Here the same key ``k*`` is used for both
+(``same_key=True``); ``same_key=False`` reproduces plain ROME.
+
+Several requests in one call are edited one after another, each on top of the previous
+ones; the result is one ``WeightDelta`` of rank ``n``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from kedit.editors.base import Editor, WeightDelta, base_identity, model_name
+from kedit.editors.locate import (LocateHparams, context_templates, depth_layer, locate_requests,
+                                  optimize_values, ridge, subject_keys)
+from kedit.models.arch import arch_of
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ROMEHparams(LocateHparams):
+    """ROME hyperparameters (paper defaults, GPT-2 XL / GPT-J)."""
+
+    layers: list[int] | None = None
+    """The edited layer, as a one-element list; None: the MLP at ~18% of the depth (GPT-J: 5 of 28)."""
+    templates: list[tuple[int, int]] = field(default_factory=lambda: [(5, 10), (10, 10)])
+    """Context templates as (length in tokens, count) pairs: the paper's 10 of 5 and 10 of 10 tokens."""
+    v_lr: float = 0.5
+    """Adam learning rate of δ."""
+    v_steps: int = 20
+    """Maximum optimization steps for δ."""
+    v_stop_nll: float = 0.05
+    """Early stop once the mean per-token NLL of the target is below this."""
+    v_weight_decay: float = 0.5
+    """Weight of the ‖δ‖ / ‖v‖² penalty."""
+    clamp_norm_factor: float = 4.0
+    """‖δ‖ is clamped to this times the norm of the original MLP output."""
+    kl_factor: float = 0.0625
+    """Weight of the KL essence term."""
+    same_key: bool = True
+    """r-ROME: use the template-averaged key k* both to compute and to apply the update."""
+
+
+class ROME(Editor):
+    """Rank-one edit of one MLP output projection per request."""
+
+    name = "rome"
+    Hparams = ROMEHparams
+
+    def __init__(self, hparams: ROMEHparams | None = None, **overrides: Any) -> None:
+        super().__init__(hparams, **overrides)
+        self._cov: dict[tuple, Tensor] = {}  # Cholesky factors of C, per model and layer
+
+    # ------------------------------------------------------------------ configuration
+
+    @staticmethod
+    def default_layer(n_layers: int) -> int:
+        return depth_layer(n_layers, 0.18)
+
+    def layer(self, model: nn.Module) -> int:
+        layers = self.hparams.layers
+        n = arch_of(model).num_layers(model)
+        if not layers:
+            return self.default_layer(n)
+        if len(layers) != 1:
+            raise ValueError(f"ROME edits one layer; got layers={layers} (use MEMIT for several)")
+        if not 0 <= layers[0] < n:
+            raise ValueError(f"ROME layer {layers[0]} out of range for a model with {n} layers")
+        return layers[0]
+
+    @classmethod
+    def for_contract_tests(cls, model: nn.Module, tokenizer) -> ROME:
+        """Small settings for tiny random models: statistics from a few in-memory texts."""
+        from kedit.testing import CORPUS
+
+        return cls(layers=[0], templates=[], kl_factor=0.0, edit_aware=True, prefix_cache=False, corpus=list(CORPUS) * 4, stats_tokens=2_000, stats_seq_len=32,
+                   v_steps=25, v_lr=0.5, v_weight_decay=0.0, clamp_norm_factor=1e4)
+
+    # ------------------------------------------------------------------ statistics
+
+    def cov_factor(self, model: nn.Module, tokenizer, layer: int) -> Tensor:
+        """Cholesky factor of ``C + ridge`` (float64), computed once per model and layer."""
+        hp = self.hparams
+        key = (id(model), model_name(model), layer, str(hp.corpus)[:200], hp.stats_tokens, hp.stats_seq_len)
+        if key not in self._cov:
+            from kedit.stats import second_moments
+
+            t0 = time.perf_counter()
+            C = second_moments(model, tokenizer, [layer], hp.corpus, n_tokens=hp.stats_tokens,
+                               seq_len=hp.stats_seq_len, cache_dir=hp.stats_cache_dir)[layer]
+            self._cov[key] = torch.linalg.cholesky(ridge(C, hp.cov_ridge))
+            self.stats_seconds = time.perf_counter() - t0
+        return self._cov[key]
+
+    # ------------------------------------------------------------------ edit
+
+    def edit(self, model: nn.Module, tokenizer, requests) -> WeightDelta:
+        hp = self.hparams
+        reqs = locate_requests(requests)
+        arch = arch_of(model)
+        layer = self.layer(model)
+        weight = arch.mlp_out_weight(layer)
+        module = arch.mlp_out_module(layer)
+        base = base_identity(model, [weight])
+        templates = context_templates(model, tokenizer, hp.templates, hp.template_seed)
+        chol = self.cov_factor(model, tokenizer, layer)
+        lefts, rights, steps, nlls = [], [], [], []
+        partial: list[WeightDelta] = []
+        try:
+            for r in _progress(reqs):
+                if lefts:  # later requests see the earlier ones applied (restored below)
+                    d = WeightDelta(factors={weight: arch.low_rank_factors(lefts[-1][:, None], rights[-1][:, None])})
+                    d.apply(model, check=False)
+                    partial.append(d)
+                if hp.edit_aware:  # the update's direction first, then δ through it
+                    k_star = subject_keys(model, tokenizer, [r], templates, [layer])[0][layer][0].double()
+                    u = torch.cholesky_solve(k_star[:, None], chol)[:, 0]
+                    right = u / (k_star @ u)
+                    vals = optimize_values(model, tokenizer, [r], templates, module, hp,
+                                           edit_right=right.float()[None])
+                else:
+                    vals = optimize_values(model, tokenizer, [r], templates, module, hp, want_keys=True)
+                    k_star = vals.keys[0].double()  # (d_in,) Eq. 3
+                    u = torch.cholesky_solve(k_star[:, None], chol)[:, 0]  # C⁻¹ k*
+                    k_apply = k_star if hp.same_key else vals.bare_keys[0].double()
+                    right = u / (k_apply @ u)  # ΔW k_apply = δ (Eq. 2)
+                lefts.append(vals.delta[0].float())
+                rights.append(right.float())
+                steps += vals.steps
+                nlls += vals.nll
+        finally:
+            for d in reversed(partial):
+                d.restore(model)
+        left = torch.stack(lefts, dim=1)  # (d_out, n)
+        right = torch.stack(rights, dim=1)  # (d_in, n)
+        info = {"method": "rome", "layer": layer, "n_requests": len(reqs), "v_steps": steps,
+                "final_nll": [round(x, 4) for x in nlls], "same_key": hp.same_key}
+        return WeightDelta(factors={weight: arch.low_rank_factors(left, right)}, base=base, info=info)
+
+
+def _progress(items: list) -> Any:
+    if len(items) < 2:
+        return items
+    from tqdm.auto import tqdm
+
+    return tqdm(items, desc="ROME", unit="edit", disable=None)

@@ -1,0 +1,342 @@
+"""Second-moment statistics ``C = E[k kᵀ]`` of MLP keys, computed fast and cached on disk.
+
+ROME, MEMIT and AlphaEdit need, for each edited layer, the (uncentered) second moment of
+the keys ``k``: the inputs of the MLP output projection (``Arch.mlp_out``) over a text
+corpus. :func:`second_moments` measures several layers in one forward pass that stops at
+the highest of them, and caches each layer in a safetensors file under
+``kedit.models.cache_dir() / "stats"`` (``$KEDIT_CACHE``), keyed by
+
+* the model's identity: its name and a hash of the weights the keys depend on (the
+  embeddings and blocks ``0..layer``), so an edited model never reads stale statistics;
+* the layer, the corpus (paths with sizes and mtimes, a hub id, or a hash of in-memory
+  texts), the number of tokens, the sequence length and the dtype.
+
+>>> C = second_moments(model, tok, [5], corpus="../shared/data/corpus", n_tokens=100_000)[5]
+
+The corpus is a local ``.jsonl`` / ``.json`` / ``.txt`` file or folder of them (JSON
+records give their ``"text"``), a list of strings, or a Hugging Face dataset id
+``"name[:config]"`` (e.g. ``"wikitext:wikitext-103-raw-v1"``), streamed with ``datasets``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from kedit.hooks import run_until, trace
+from kedit.models.arch import arch_of
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TOKENS = 100_000
+"""Default number of corpus tokens (see bench/results/stats_curve.md for the curve)."""
+
+Corpus = str | os.PathLike | Sequence[str]
+
+_TEXT_SUFFIXES = (".jsonl", ".json", ".txt")
+
+
+# --------------------------------------------------------------------------- corpus
+
+
+def default_corpus() -> str:
+    """``$KEDIT_CORPUS``, else the shipped ``shared/data/corpus`` folder when found, else
+    Wikitext-103 from the Hugging Face hub."""
+    env = os.environ.get("KEDIT_CORPUS")
+    if env:
+        return env
+    here = Path(__file__).resolve()
+    candidates = [Path.cwd() / "../shared/data/corpus", Path.cwd() / "shared/data/corpus",
+                  here.parents[2] / "shared/data/corpus"]
+    if os.environ.get("KEDIT_DATA"):
+        candidates.insert(0, Path(os.environ["KEDIT_DATA"]) / "corpus")
+    for c in candidates:
+        if c.is_dir():
+            return str(c.resolve())
+    return "wikitext:wikitext-103-raw-v1"
+
+
+def _local_files(path: Path) -> list[Path]:
+    if path.is_file():
+        return [path]
+    files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in _TEXT_SUFFIXES)
+    if not files:
+        raise FileNotFoundError(f"corpus folder {path} holds no {'/'.join(_TEXT_SUFFIXES)} files")
+    return files
+
+
+def _record_text(record: object, where: str) -> str:
+    if isinstance(record, str):
+        return record
+    if isinstance(record, dict):
+        for key in ("text", "content", "document"):
+            if isinstance(record.get(key), str):
+                return record[key]
+    raise ValueError(f"{where}: expected a string or an object with a 'text' field, got "
+                     f"{type(record).__name__} with keys {sorted(record) if isinstance(record, dict) else '-'}")
+
+
+def iter_texts(corpus: Corpus) -> Iterator[str]:
+    """Texts of a corpus, lazily, in a fixed order."""
+    if not isinstance(corpus, (str, os.PathLike)):
+        yield from corpus
+        return
+    path = Path(corpus).expanduser()
+    if path.exists():
+        for file in _local_files(path):
+            if file.suffix == ".jsonl":
+                with file.open(encoding="utf-8") as f:
+                    for i, line in enumerate(f, 1):
+                        if line.strip():
+                            try:
+                                record = json.loads(line)
+                            except json.JSONDecodeError as err:
+                                raise ValueError(f"corpus file {file}, line {i}: invalid JSON ({err})") from None
+                            yield _record_text(record, f"corpus file {file}, line {i}")
+            elif file.suffix == ".json":
+                records = json.loads(file.read_text(encoding="utf-8"))
+                if not isinstance(records, list):
+                    raise ValueError(f"corpus file {file}: expected a JSON array of texts or records")
+                for i, record in enumerate(records):
+                    yield _record_text(record, f"corpus file {file}, record {i}")
+            else:
+                # paragraphs of a plain text file
+                for para in re.split(r"\n\s*\n", file.read_text(encoding="utf-8")):
+                    if para.strip():
+                        yield para
+        return
+    if str(corpus).startswith((".", "/", "~")):
+        raise FileNotFoundError(f"no corpus at {path}")
+    yield from _hub_texts(str(corpus))
+
+
+def _hub_texts(spec: str) -> Iterator[str]:
+    try:
+        import datasets
+    except ImportError:
+        raise ImportError(f"corpus {spec!r} is a Hugging Face dataset id, which needs `pip install datasets`") from None
+    name, _, config = spec.partition(":")
+    try:
+        ds = datasets.load_dataset(name, config or None, split="train", streaming=True)
+    except Exception as err:
+        raise RuntimeError(f"could not load the Hugging Face dataset {spec!r} ({err}); name a local "
+                           f"corpus file or folder instead (e.g. ../shared/data/corpus)") from None
+    for i, row in enumerate(ds):
+        text = _record_text(row, f"dataset {spec}, row {i}")
+        if text.strip():
+            yield text
+
+
+def corpus_id(corpus: Corpus) -> str:
+    """A short stable identity of a corpus for cache keys."""
+    h = hashlib.sha256()
+    if not isinstance(corpus, (str, os.PathLike)):
+        h.update(b"texts|")
+        for text in corpus:
+            h.update(text.encode())
+            h.update(b"\0")
+        return "texts-" + h.hexdigest()[:16]
+    path = Path(corpus).expanduser()
+    if path.exists():
+        for file in _local_files(path):
+            st = file.stat()
+            h.update(f"{file.resolve()}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+        return f"{_slug(path.resolve().name)}-{h.hexdigest()[:16]}"
+    h.update(str(corpus).encode())
+    return f"hub-{_slug(str(corpus))}-{h.hexdigest()[:8]}"
+
+
+def _slug(s: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", s)[-48:] or "x"
+
+
+# --------------------------------------------------------------------------- identity
+
+
+def layer_hashes(model: nn.Module, layers: Sequence[int]) -> dict[int, str]:
+    """Hash of the weights the keys of each layer depend on: all parameters outside the
+    blocks (embeddings, norms) plus blocks ``0..layer``. One incremental pass."""
+    arch = arch_of(model)
+    prefix = arch.blocks + "."
+    outside, blocks = [], {}
+    for name, p in model.named_parameters():
+        if name.startswith(prefix):
+            blocks.setdefault(int(name[len(prefix):].split(".")[0]), []).append((name, p))
+        else:
+            outside.append((name, p))
+    h = hashlib.sha256()
+
+    def feed(items):
+        for name, p in sorted(items, key=lambda x: x[0]):
+            t = p.detach().contiguous().cpu()
+            h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+            h.update(t.view(torch.uint8).numpy().tobytes())
+
+    feed(outside)
+    out = {}
+    for i in range(max(layers) + 1):
+        feed(blocks.get(i, []))
+        if i in layers:
+            out[i] = h.copy().hexdigest()[:20]
+    return out
+
+
+@dataclass(frozen=True)
+class StatsKey:
+    model: str
+    weights: str
+    layer: int
+    corpus: str
+    n_tokens: int
+    seq_len: int
+    dtype: str
+
+    def path(self, root: Path) -> Path:
+        return root / _slug(self.model) / (
+            f"L{self.layer}_{self.weights}_{self.corpus}_t{self.n_tokens}_s{self.seq_len}_{self.dtype}.safetensors")
+
+
+def stats_dir(cache_dir: str | os.PathLike | None = None) -> Path:
+    if cache_dir is not None:
+        return Path(cache_dir)
+    from kedit.models.loading import cache_dir as kedit_cache
+
+    return kedit_cache() / "stats"
+
+
+# --------------------------------------------------------------------------- compute
+
+
+def _token_chunks(tokenizer, texts: Iterator[str], seq_len: int, min_len: int = 8) -> Iterator[list[int]]:
+    bos = tokenizer.bos_token_id if getattr(tokenizer, "add_bos_token", False) else None
+    for text in texts:
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        step = seq_len - (bos is not None)
+        for i in range(0, len(ids), step):
+            chunk = ids[i:i + step]
+            if len(chunk) >= min_len:
+                yield ([bos] if bos is not None else []) + chunk
+
+
+@torch.no_grad()
+def _measure(model, tokenizer, layers: list[int], corpus: Corpus, n_tokens: int, seq_len: int,
+             batch_size: int, progress: bool) -> tuple[dict[int, Tensor], int]:
+    arch = arch_of(model)
+    names = {layer: arch.mlp_out_module(layer) for layer in layers}
+    stop = names[max(layers)]
+    device = next(model.parameters()).device
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    d_in = {layer: arch.mlp_dims(model, layer)[0] for layer in layers}
+    acc = {layer: torch.zeros(d_in[layer], d_in[layer], dtype=torch.float64, device=device) for layer in layers}
+    seen = 0
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=n_tokens, unit="tok", unit_scale=True, desc=f"second moments, layers {layers}",
+                   disable=None)
+    chunks = _token_chunks(tokenizer, iter_texts(corpus), seq_len)
+    was_training = model.training
+    model.eval()
+    try:
+        while seen < n_tokens:
+            batch, budget = [], n_tokens - seen
+            for chunk in chunks:
+                batch.append(chunk[:budget])  # keep exactly n_tokens: trim the last sequence
+                budget -= len(batch[-1])
+                if len(batch) == batch_size or budget <= 0:
+                    break
+            if not batch:
+                break
+            n = max(map(len, batch))
+            ids = torch.tensor([c + [pad] * (n - len(c)) for c in batch], device=device)
+            mask = torch.tensor([[1] * len(c) + [0] * (n - len(c)) for c in batch], device=device)
+            with trace(model, list(names.values()), inputs=True, outputs=False, stop=stop, detach=True) as rec:
+                run_until(model, input_ids=ids, attention_mask=mask, use_cache=False)
+            keep = mask.bool()
+            for layer, name in names.items():
+                k = rec[name].input[keep].to(torch.float64 if device.type == "cpu" else torch.float32)
+                acc[layer] += (k.T @ k).to(torch.float64)
+            got = int(keep.sum())
+            seen += got
+            if bar is not None:
+                bar.update(got)
+    finally:
+        model.train(was_training)
+        if bar is not None:
+            bar.close()
+    if seen == 0:
+        raise ValueError(f"corpus {corpus if isinstance(corpus, (str, os.PathLike)) else '<texts>'} gave no tokens")
+    return {layer: (acc[layer] / seen).float() for layer in layers}, seen
+
+
+def second_moments(
+    model: nn.Module,
+    tokenizer,
+    layers: Sequence[int],
+    corpus: Corpus | None = None,
+    *,
+    n_tokens: int = DEFAULT_TOKENS,
+    seq_len: int = 256,
+    batch_size: int = 8,
+    cache: bool = True,
+    cache_dir: str | os.PathLike | None = None,
+    progress: bool = True,
+) -> dict[int, Tensor]:
+    """``{layer: E[k kᵀ]}`` (float32, ``(d_in, d_in)``) for the keys of ``mlp_out`` at ``layers``.
+
+    Layers found in the cache are read; the others are measured together in one pass over
+    ``n_tokens`` corpus tokens (sequences of ``seq_len``), stopping the forward pass at the
+    highest of them. The model is not modified.
+    """
+    layers = sorted(set(int(x) for x in layers))
+    if not layers:
+        return {}
+    corpus = default_corpus() if corpus is None else corpus
+    root = stats_dir(cache_dir)
+    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+    from kedit.editors.base import model_name
+
+    keys: dict[int, StatsKey] = {}
+    out: dict[int, Tensor] = {}
+    if cache:
+        cid = corpus_id(corpus)
+        hashes = layer_hashes(model, layers)
+        for layer in layers:
+            keys[layer] = StatsKey(model_name(model), hashes[layer], layer, cid, n_tokens, seq_len, dtype)
+            path = keys[layer].path(root)
+            if path.is_file():
+                try:
+                    out[layer] = load_file(str(path))["mom2"]
+                    log.info("second moments of layer %d read from %s", layer, path)
+                except Exception as err:  # a broken cache file is recomputed, not fatal
+                    log.warning("ignoring unreadable stats cache %s (%s)", path, err)
+    missing = [layer for layer in layers if layer not in out]
+    if missing:
+        t0 = time.perf_counter()
+        measured, seen = _measure(model, tokenizer, missing, corpus, n_tokens, seq_len, batch_size, progress)
+        dt = time.perf_counter() - t0
+        log.info("second moments of layers %s from %d tokens in %.1f s (%.0f tok/s)", missing, seen, dt, seen / dt)
+        for layer, mom2 in measured.items():
+            out[layer] = mom2
+            if cache:
+                path = keys[layer].path(root)
+                path.parent.mkdir(parents=True, exist_ok=True)
+                tmp = path.with_suffix(f".tmp{os.getpid()}")
+                meta = {**{k: str(v) for k, v in keys[layer].__dict__.items()}, "tokens_seen": str(seen),
+                        "seconds": f"{dt:.2f}"}
+                save_file({"mom2": mom2.contiguous().cpu()}, str(tmp), metadata=meta)
+                os.replace(tmp, path)
+    device = next(model.parameters()).device
+    return {layer: out[layer].to(device) for layer in layers}
