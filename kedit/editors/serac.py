@@ -485,15 +485,13 @@ class Router:
             return out  # nothing in scope: the base model's output object, untouched
         logits = out.logits.clone()
         offset = input_ids.shape[1] - logits.shape[1]  # logits_to_keep: only the last positions
-        for b, c in enumerate(choice):
-            if c is None:
-                continue
-            mem, i, _ = c
-            positions = mask[b].bool().nonzero().squeeze(-1)
-            row = mem.resolve_editor().counterfactual_logits(self, mem.descriptors[i], rows[b], tok)
-            row = _fit_vocab(row, logits.shape[-1])
-            keep = positions >= offset
-            logits[b, positions[keep] - offset] = row[keep.to(row.device)].to(logits)
+        for ed, items in _by_editor(choice).items():
+            batch_rows = ed.counterfactual_logits_batch(self, [d for _, d in items], [rows[b] for b, _ in items], tok)
+            for (b, _), row in zip(items, batch_rows):
+                positions = mask[b].bool().nonzero().squeeze(-1)
+                row = _fit_vocab(row, logits.shape[-1])
+                keep = positions >= offset
+                logits[b, positions[keep] - offset] = row[keep.to(row.device)].to(logits)
         out["logits"] = logits
         if kwargs.get("labels") is not None and offset == 0:
             out["loss"] = causal_lm_loss(logits, kwargs["labels"])
@@ -519,11 +517,10 @@ class Router:
             log.warning("SERAC generate: return_dict_in_generate outputs keep only `sequences` for routed rows")
         width = input_ids.shape[1]
         new_rows: dict[int, list[int]] = {}
-        for b, c in enumerate(choice):
-            if c is not None:
-                mem, i, _ = c
-                new_rows[b] = mem.resolve_editor().counterfactual_generate(
-                    self, mem.descriptors[i], rows[b], tok, width, kwargs)
+        for ed, items in _by_editor(choice).items():
+            news = ed.counterfactual_generate_batch(self, [d for _, d in items], [rows[b] for b, _ in items],
+                                                    tok, width, kwargs)
+            new_rows.update({b: new for (b, _), new in zip(items, news)})
         pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
         total = max([sequences.shape[1]] + [width + len(v) for v in new_rows.values()])
         merged = torch.full((sequences.shape[0], total), pad, dtype=sequences.dtype, device=sequences.device)
@@ -547,6 +544,16 @@ class Router:
 
     def base_forward(self, **kwargs: Any) -> Any:
         return self.orig_forward(**kwargs)
+
+
+def _by_editor(choice: list[tuple[SERACMemory, int, float] | None]) -> dict[SERAC, list[tuple[int, str]]]:
+    """In-scope rows grouped by the editor that answers them: editor -> [(row, descriptor)]."""
+    groups: dict[SERAC, list[tuple[int, str]]] = {}
+    for b, c in enumerate(choice):
+        if c is not None:
+            mem, i, _ = c
+            groups.setdefault(mem.resolve_editor(), []).append((b, mem.descriptors[i]))
+    return groups
 
 
 def _fit_vocab(logits: Tensor, vocab: int) -> Tensor:
@@ -729,6 +736,35 @@ class SERAC(Editor):
         logits = self._copy(logits, seq, 1 if prefix[:1] == [tok.bos_token_id] else 0, len(prefix), positions)
         return logits[positions]
 
+    @torch.no_grad()
+    def counterfactual_logits_batch(self, router: Router, descriptors: list[str], rows: list[list[int]],
+                                    tok: PreTrainedTokenizerBase) -> list[Tensor]:
+        """:meth:`counterfactual_logits` for several rows, in right-padded batches."""
+        if not same_vocab(self.cf_tokenizer, tok) or len(rows) == 1:
+            return [self.counterfactual_logits(router, d, r, tok) for d, r in zip(descriptors, rows)]
+        out: list[Tensor] = []
+        device = self._cf_device(router)
+        pad = self.cf_tokenizer.pad_token_id if self.cf_tokenizer.pad_token_id is not None else 0
+        bs = max(1, min(self.hparams.batch_size, 32))
+        for k in range(0, len(rows), bs):
+            seqs, spans = [], []
+            for d, r in zip(descriptors[k:k + bs], rows[k:k + bs]):
+                prefix = self._prefix_ids(d)
+                body, had_bos = self._strip_bos(r, tok)
+                seqs.append(prefix + body)
+                first = len(prefix) - 1 if had_bos else len(prefix)
+                spans.append((first, len(prefix)))
+            n = max(len(q) for q in seqs)
+            ids = torch.tensor([q + [pad] * (n - len(q)) for q in seqs], device=device)
+            att = torch.tensor([[1] * len(q) + [0] * (n - len(q)) for q in seqs], device=device)
+            logits = self._cf_call(router, ids, att).float()
+            for j, (seq, (first, plen)) in enumerate(zip(seqs, spans)):
+                positions = list(range(first, len(seq)))
+                row = self._copy(logits[j, : len(seq)].clone(), seq, 1 if seq[:1] == [tok.bos_token_id] else 0,
+                                 plen, positions)
+                out.append(row[positions])
+        return out
+
     def _text_level_logits(self, router: Router, descriptor: str, row: list[int],
                            tok: PreTrainedTokenizerBase) -> Tensor:
         """Different tokenizers: score each base token's text span with the counterfactual model."""
@@ -771,8 +807,8 @@ class SERAC(Editor):
         kwargs = dict(kwargs)
         if "max_length" in kwargs and "max_new_tokens" not in kwargs:
             kwargs["max_new_tokens"] = max(1, kwargs.pop("max_length") - width)
-        kwargs.pop("max_length", None)
-        kwargs.pop("logits_processor", None)
+        for key in ("max_length", "logits_processor", "pad_token_id", "attention_mask"):
+            kwargs.pop(key, None)
         cft = self.cf_tokenizer
         same = same_vocab(cft, tok)
         prefix = self._prefix_ids(descriptor)
@@ -796,6 +832,36 @@ class SERAC(Editor):
             return new
         text = cft.decode(new, skip_special_tokens=True)
         return tok(text, add_special_tokens=False)["input_ids"]
+
+    @torch.no_grad()
+    def counterfactual_generate_batch(self, router: Router, descriptors: list[str], rows: list[list[int]],
+                                      tok: PreTrainedTokenizerBase, width: int, kwargs: dict[str, Any]) -> list[list[int]]:
+        """:meth:`counterfactual_generate` for several rows in one left-padded generate call
+        (same tokenizer, no copy bias; otherwise row by row)."""
+        cft = self.cf_tokenizer
+        if self.hparams.copy_bias or not same_vocab(cft, tok) or len(rows) == 1:
+            return [self.counterfactual_generate(router, d, r, tok, width, kwargs) for d, r in zip(descriptors, rows)]
+        kwargs = dict(kwargs)
+        if "max_length" in kwargs and "max_new_tokens" not in kwargs:
+            kwargs["max_new_tokens"] = max(1, kwargs.pop("max_length") - width)
+        for key in ("max_length", "logits_processor", "pad_token_id", "attention_mask"):
+            kwargs.pop(key, None)
+        seqs = [self._prefix_ids(d) + self._strip_bos(r, tok)[0] for d, r in zip(descriptors, rows)]
+        n = max(len(q) for q in seqs)
+        pad = cft.pad_token_id if cft.pad_token_id is not None else cft.eos_token_id
+        device = self._cf_device(router)
+        ids = torch.tensor([[pad] * (n - len(q)) + q for q in seqs], device=device)
+        att = torch.tensor([[0] * (n - len(q)) + [1] * len(q) for q in seqs], device=device)
+        call = router.base_generate if self.cf_model is None else self.cf_model.generate
+        out = call(input_ids=ids, attention_mask=att, pad_token_id=pad, **kwargs)
+        out = out.sequences if hasattr(out, "sequences") else out
+        news = []
+        for j in range(len(seqs)):
+            new = out[j, n:].tolist()
+            if cft.eos_token_id is not None and cft.eos_token_id in new:
+                new = new[: new.index(cft.eos_token_id) + 1]
+            news.append(new)
+        return news
 
     # ----------------------------------------------------------------- artifacts
 

@@ -392,7 +392,10 @@ class SERACModule(EditorCheckpointMixin, LightningModule):
                  secs, self.global_step, rss, gpu)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
-        return self._step(batch, "train")
+        loss = self._step(batch, "train")
+        if self.global_step % 25 == 0:  # plain log lines: progress bars do not reach log files
+            log.info("step %d: loss %.4f", self.global_step, float(loss))
+        return loss
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self._step(batch, "val")
