@@ -1,0 +1,147 @@
+"""The demo (``make demo``): a real model answers factual prompts; then one fact is edited.
+
+    python -m kedit.demo                         # smollm2-135m, ROME edit "Eiffel Tower -> Rome"
+    python -m kedit.demo --editor none           # only the answers of the unedited model
+    python -m kedit.demo --model gemma3-270m --editor ft-l --target-new London
+
+Steps, one function each so the demo can grow: :func:`answer` (greedy continuations),
+:func:`make_edit` (any registered editor), :func:`compare` (the same prompts with the edit
+applied and after restoring it), :func:`format_table`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+log = logging.getLogger(__name__)
+
+# The fact to edit and the prompts to watch: the edited prompt, a paraphrase (should follow
+# the edit) and neighbours (must keep their answers).
+EDIT_PROMPT = "The Eiffel Tower is located in the city of"
+EDIT_SUBJECT = "The Eiffel Tower"
+EDIT_TARGET_TRUE = "Paris"
+EDIT_TARGET_NEW = "Rome"
+PARAPHRASES = ["The Eiffel Tower is in"]
+NEIGHBOURS = [
+    "The Louvre is located in the city of",
+    "The capital of France is",
+    "The Colosseum is located in the city of",
+    "The capital of Germany is",
+]
+
+
+@dataclass
+class Row:
+    kind: str
+    prompt: str
+    before: str
+    after: str | None = None
+    restored: str | None = None
+
+
+def answer(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 6) -> list[str]:
+    """Greedy continuation of each prompt (one at a time: no padding subtleties)."""
+    import torch
+
+    device = next(model.parameters()).device
+    out = []
+    for prompt in prompts:
+        batch = tokenizer([prompt], return_tensors="pt").to(device)
+        with torch.no_grad():
+            ids = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
+                                 pad_token_id=tokenizer.pad_token_id)
+        text = tokenizer.decode(ids[0, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+        out.append(" ".join(text.split()))  # one line per answer
+    return out
+
+
+def demo_request(target_new: str = EDIT_TARGET_NEW) -> dict:
+    return {"prompt": EDIT_PROMPT, "subject": EDIT_SUBJECT, "target_new": target_new,
+            "target_true": EDIT_TARGET_TRUE, "paraphrase_prompts": PARAPHRASES}
+
+
+def make_edit(model, tokenizer, editor_name: str, request: dict):
+    """Compute the edit with a registered editor (default hyperparameters)."""
+    import kedit
+
+    return kedit.editor(editor_name).edit(model, tokenizer, [request])
+
+
+def compare(model, tokenizer, rows: list[Row], edit, max_new_tokens: int) -> None:
+    """Fill ``after`` (edit applied) and ``restored`` (after restoring) of each row."""
+    prompts = [r.prompt for r in rows]
+    with edit.applied(model):
+        for row, text in zip(rows, answer(model, tokenizer, prompts, max_new_tokens)):
+            row.after = text
+    for row, text in zip(rows, answer(model, tokenizer, prompts, max_new_tokens)):
+        row.restored = text
+
+
+def format_table(rows: list[Row]) -> str:
+    cols = [("", lambda r: r.kind), ("prompt", lambda r: r.prompt), ("answer", lambda r: r.before)]
+    if any(r.after is not None for r in rows):
+        cols += [("edited", lambda r: r.after), ("restored", lambda r: r.restored)]
+    cells = [[h for h, _ in cols]] + [[str(f(r) or "") for _, f in cols] for r in rows]
+    widths = [max(len(c[i]) for c in cells) for i in range(len(cols))]
+    lines = [" | ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in cells]
+    lines.insert(1, "-+-".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m kedit.demo", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="smollm2-135m",
+                   help="offline model name, local HF folder, .gguf file or hub id (default: %(default)s)")
+    p.add_argument("--editor", default="rome",
+                   help="registered editor to apply (rome, memit, alphaedit, ft-l, ft-m, lora, ...), or 'none'")
+    p.add_argument("--target-new", default=EDIT_TARGET_NEW, help="new answer for the edited fact")
+    p.add_argument("--max-new-tokens", type=int, default=6)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("-v", "--verbose", action="store_true", help="log progress (INFO)")
+    return p.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(name)s: %(message)s")
+    import torch
+
+    from kedit.models import load_model
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    t0 = time.perf_counter()
+    model, tok = load_model(args.model)
+    print(f"model: {args.model} ({sum(p.numel() for p in model.parameters()) / 1e6:.0f}M parameters, "
+          f"loaded in {time.perf_counter() - t0:.1f} s)")
+
+    prompts = [("edit", EDIT_PROMPT)] + [("paraphrase", p) for p in PARAPHRASES] + \
+              [("neighbour", p) for p in NEIGHBOURS]
+    before = answer(model, tok, [p for _, p in prompts], args.max_new_tokens)
+    rows = [Row(kind, prompt, text) for (kind, prompt), text in zip(prompts, before)]
+
+    if args.editor.lower() != "none":
+        request = demo_request(args.target_new)
+        print(f"edit: {args.editor}: {EDIT_PROMPT!r} {EDIT_TARGET_TRUE} -> {args.target_new}")
+        t0 = time.perf_counter()
+        try:
+            edit = make_edit(model, tok, args.editor, request)
+        except (ImportError, AttributeError, NotImplementedError) as err:
+            # an editor registered but not (yet) available in this install
+            print(f"editor {args.editor!r} is not available ({err}); showing the unedited model only")
+        else:
+            print(f"edit computed in {time.perf_counter() - t0:.1f} s")
+            compare(model, tok, rows, edit, args.max_new_tokens)
+    print()
+    print(format_table(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,76 @@
+"""The demo's plumbing on a tiny model saved as a local folder (the real run is `make demo`)."""
+
+from __future__ import annotations
+
+import pytest
+from kedit import demo
+from kedit.editors import Edit
+from kedit.testing import tiny_model
+
+
+@pytest.fixture
+def tiny_folder(tmp_path):
+    model, tok = tiny_model("llama")
+    model.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    return str(tmp_path)
+
+
+def test_demo_answers_only(tiny_folder, capsys):
+    assert demo.main(["--model", tiny_folder, "--editor", "none", "--max-new-tokens", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "| prompt" in out and "| answer" in out and "| edited" not in out
+    for prompt in [demo.EDIT_PROMPT, *demo.PARAPHRASES, *demo.NEIGHBOURS]:
+        assert prompt in out
+
+
+def test_demo_edit_applied_then_restored(tiny_folder, capsys, monkeypatch):
+    class AlwaysRome(Edit):
+        """A stand-in editor's edit: the LM head adds a large logit to " Rome"."""
+
+        def __init__(self, token: int):
+            self.token, self.handle = token, None
+
+        def apply(self, model):
+            def hook(_module, _args, logits):
+                logits[..., self.token] += 1e4
+                return logits
+
+            self.handle = model.lm_head.register_forward_hook(hook)
+
+        def restore(self, model):
+            self.handle.remove()
+
+    def fake_edit(model, tokenizer, editor_name, request):
+        assert editor_name == "rome" and request["target_new"] == "Rome"
+        (rome,) = tokenizer(" Rome", add_special_tokens=False)["input_ids"]
+        return AlwaysRome(rome)
+
+    monkeypatch.setattr(demo, "make_edit", fake_edit)
+    demo.main(["--model", tiny_folder, "--target-new", "Rome", "--max-new-tokens", "3"])
+    lines = capsys.readouterr().out.splitlines()
+    header = next(line for line in lines if line.startswith(" ") and "edited" in line)
+    assert [c.strip() for c in header.split("|")] == ["", "prompt", "answer", "edited", "restored"]
+    rows = [[c.strip() for c in line.split("|")] for line in lines
+            if line.startswith(("edit ", "neighbour")) and "|" in line]
+    assert len(rows) == 1 + len(demo.NEIGHBOURS)
+    for _, _, before, after, restored in rows:
+        assert after == "Rome Rome Rome" and restored == before  # the edit shows, restore is exact
+
+
+def test_unavailable_editor(tiny_folder, capsys, monkeypatch):
+    def missing(*args):
+        raise ImportError("No module named 'kedit.editors.nope'")
+
+    monkeypatch.setattr(demo, "make_edit", missing)
+    demo.main(["--model", tiny_folder, "--editor", "nope", "--max-new-tokens", "1"])
+    out = capsys.readouterr().out
+    assert "editor 'nope' is not available" in out and "| edited" not in out
+
+
+def test_format_table():
+    rows = [demo.Row("edit", "A is in", "Paris", "Rome", "Paris"), demo.Row("neighbour", "B is", "x")]
+    lines = demo.format_table(rows).splitlines()
+    assert len(lines) == 4 and set(lines[1]) <= {"-", "+"}
+    assert [c.strip() for c in lines[2].split("|")] == ["edit", "A is in", "Paris", "Rome", "Paris"]
+    assert [c.strip() for c in lines[3].split("|")] == ["neighbour", "B is", "x", "", ""]
