@@ -74,6 +74,8 @@ def trace(
 
     def pre_hook(name: str):
         def fn(_module, args, kwargs):
+            if not args and not kwargs:  # no input to read or replace
+                return None
             if not args:  # called with keyword arguments only
                 key = next(iter(kwargs))
                 x = kwargs[key]

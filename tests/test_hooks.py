@@ -181,3 +181,26 @@ def test_trace_other_families(family):
     assert t[name].input.shape[-1] == arch.mlp_dims(model, 0)[0]
     assert t[name].output.shape[-1] == arch.mlp_dims(model, 0)[1]
     assert no_hooks(model)
+
+
+def test_keyword_and_no_inputs():
+    """A module called with keyword arguments only (input read and replaced), or with none."""
+
+    class Inner(torch.nn.Module):
+        def forward(self, hidden=None, scale=1.0):
+            return torch.ones(2) if hidden is None else hidden * scale
+
+    class Outer(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.kw, self.none = Inner(), Inner()
+
+        def forward(self, x):
+            return self.kw(hidden=x, scale=2.0) + self.none()
+
+    model, x = Outer(), torch.tensor([1.0, 3.0])
+    with trace(model, ["kw", "none"], inputs=True, edit_input=lambda n, h: h + 1) as t:
+        y = model(x)
+    assert torch.equal(t["kw"].input, x + 1) and t["none"].input is None
+    assert torch.equal(y, (x + 1) * 2 + 1)
+    assert no_hooks(model)
