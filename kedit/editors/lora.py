@@ -20,7 +20,7 @@ import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -86,6 +86,33 @@ def _proxy(module: nn.Module) -> nn.Module:
     return proxy
 
 
+def build_adapters(model: nn.Module, modules: list[str], config: Any) -> tuple[nn.Module, dict[str, nn.Module]]:
+    """peft LoRA layers around detached proxies of ``modules`` (``config.target_modules`` is replaced).
+
+    Returns the container holding them and a map from each model module name to its LoRA layer.
+    """
+    from peft import inject_adapter_in_model
+
+    keys = {name: f"m{i}" for i, name in enumerate(modules)}
+    container = nn.Module()
+    for name, key in keys.items():
+        container.add_module(key, _proxy(get_module(model, name)))
+    config = dataclasses.replace(config, target_modules=list(keys.values()))
+    inject_adapter_in_model(config, container, adapter_name=ADAPTER)
+    container.to(next(model.parameters()).device)
+    return container, {name: getattr(container, key) for name, key in keys.items()}
+
+
+def merged_factors(layer: nn.Module, arch: Arch, adapter: str = ADAPTER) -> tuple[Tensor, Tensor]:
+    """A peft LoRA layer's update ``scaling · B A`` as factors in the weight's storage orientation.
+
+    Equals peft's ``layer.get_delta_weight(adapter)`` (which also transposes for Conv1D).
+    """
+    a = layer.lora_A[adapter].weight.detach()  # (r, d_in)
+    b = layer.lora_B[adapter].weight.detach() * layer.scaling[adapter]  # (d_out, r)
+    return arch.low_rank_factors(b, a.T)  # ΔW (out, in) = b @ a
+
+
 def target_modules(arch: Arch, model: nn.Module, layers: list[int], which: str) -> list[str]:
     names = []
     for layer in layers:
@@ -108,23 +135,18 @@ class LoRA(Editor):
         return cls(num_steps=5, lr=1e-2, dropout=0.0)
 
     def edit(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, requests: Requests) -> WeightDelta:
-        from peft import LoraConfig, inject_adapter_in_model
+        from peft import LoraConfig
 
         hp = self.hparams
         reqs = as_requests(requests)
         arch = arch_of(model)
         layers = resolve_layers(hp.layers, arch, model)
         modules = target_modules(arch, model, layers, hp.modules)
-        keys = {name: f"m{i}" for i, name in enumerate(modules)}
-        container = nn.Module()
-        for name, key in keys.items():
-            container.add_module(key, _proxy(get_module(model, name)))
-        config = LoraConfig(r=hp.rank, lora_alpha=hp.alpha, lora_dropout=hp.dropout, target_modules=list(keys.values()),
+        config = LoraConfig(r=hp.rank, lora_alpha=hp.alpha, lora_dropout=hp.dropout, target_modules=["_"],
                             fan_in_fan_out=arch.conv1d, bias="none")
         with seeded(hp.seed):
-            inject_adapter_in_model(config, container, adapter_name=ADAPTER)
-        container.to(next(model.parameters()).device).train()  # adapter dropout on; the model's mode is untouched
-        lora = {name: getattr(container, key) for name, key in keys.items()}
+            container, lora = build_adapters(model, modules, config)
+        container.train()  # adapter dropout on; the model's own mode is untouched
         leaves = [p for p in container.parameters() if p.requires_grad]
 
         @contextmanager
@@ -151,11 +173,7 @@ class LoRA(Editor):
                          early_stop_loss=hp.early_stop_loss, progress=hp.progress, context=routed)
         with seeded(hp.seed):
             stats = fit(model, tokenizer, reqs, spec, self.name)
-        factors = {}
-        for name, layer in lora.items():
-            a = layer.lora_A[ADAPTER].weight.detach()  # (r, d_in)
-            b = layer.lora_B[ADAPTER].weight.detach() * layer.scaling[ADAPTER]  # (d_out, r)
-            factors[f"{name}.weight"] = arch.low_rank_factors(b, a.T)  # ΔW (out, in) = b @ a
+        factors = {f"{name}.weight": merged_factors(layer, arch) for name, layer in lora.items()}
         weights = list(factors)
         log.debug("%s: %d modules in layers %s, %s", self.name, len(modules), layers, stats)
         return WeightDelta(factors=factors, base=base_identity(model, weights),
