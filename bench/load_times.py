@@ -1,6 +1,6 @@
 """Wall time of loading the offline models: first (uncached) load and cache hits.
 
-    python bench/load_times.py [--models smollm2-135m gemma3-270m] [--threads 1] [--repeats 2]
+    python bench/load_times.py [--models smollm2-135m gemma3-270m] [--threads 1] [--repeats 2] [--no-uncached]
 
 Each load runs in a fresh Python process (nothing warm in memory; the OS file cache may
 be). "uncached" dequantizes the GGUF into a cache folder: into the real cache
@@ -46,6 +46,8 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["smollm2-135m", "gemma3-270m"])
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=2, help="cache-hit loads per model")
+    parser.add_argument("--no-uncached", action="store_true",
+                        help="only cache hits (the model must be cached already)")
     args = parser.parse_args()
 
     from kedit.models.loading import cache_dir
@@ -53,12 +55,14 @@ def main() -> None:
     rows = []
     for model in args.models:
         cached = (cache_dir() / "models" / model / "model.safetensors").is_file()
-        tmp = tempfile.mkdtemp(prefix="kedit-bench-") if cached else None
-        try:
-            first = timed_load(model, args.threads, tmp)
-        finally:
-            if tmp:
-                shutil.rmtree(tmp, ignore_errors=True)
+        first = None
+        if not (args.no_uncached and cached):
+            tmp = tempfile.mkdtemp(prefix="kedit-bench-") if cached else None
+            try:
+                first = timed_load(model, args.threads, tmp)
+            finally:
+                if tmp:
+                    shutil.rmtree(tmp, ignore_errors=True)
         hits = [timed_load(model, args.threads, None) for _ in range(args.repeats)]
         rows.append((model, first, hits))
 
@@ -67,7 +71,8 @@ def main() -> None:
     print("|---|---|---|---|")
     for model, first, hits in rows:
         hit = " / ".join(f"{h['load_s']:.1f}" for h in hits)
-        print(f"| {model} | {first['load_s']:.1f} | {hit} | {hits[-1]['import_s']:.1f} |")
+        uncached = f"{first['load_s']:.1f}" if first else "-"
+        print(f"| {model} | {uncached} | {hit} | {hits[-1]['import_s']:.1f} |")
 
 
 if __name__ == "__main__":
