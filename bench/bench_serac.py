@@ -8,6 +8,8 @@
   generation-based edit / paraphrase success, neighborhood locality).
 * sequential: kedit.eval ``sequential`` mode, one edit per step (an EditStack of memories),
   ``--n-seq`` records, with the retention curve.
+* retention: a lighter sequential run (1,000 one-request steps) scoring a sample of 20
+  stored edits at 1, 10, 100, 250, 500 and 1,000 stored edits.
 * overhead: wall time of one routed forward (1 query, prompt of ~10 tokens) at 1, 100 and
   1,000 stored edits, in scope and out of scope, against the base model's forward.
 
@@ -84,12 +86,65 @@ def overhead(model, tok, editor, requests, sizes=(1, 100, 1000), reps: int = 20)
     return rows
 
 
+def retention(model, tok, editor, requests, checkpoints=(1, 10, 100, 250, 500, 1000), sample: int = 20) -> dict:
+    """Sequential editing, one request per step pushed onto an applied EditStack. At each
+    checkpoint k: teacher-forced exact success of ``sample`` stored edits (evenly spread over
+    the first k, the very first included) on their prompt and paraphrase, and top-1
+    agreement with the unedited model on their neighborhood prompts."""
+    from kedit.editors.base import EditStack
+    from kedit.eval.scoring import score_targets
+
+    def pick(k: int) -> list:
+        idx = sorted({round(j * (k - 1) / max(1, sample - 1)) for j in range(min(k, sample))})
+        return [requests[i] for i in idx]
+
+    def loc_rows(reqs):
+        return [(r.neighborhood[0].prompt, r.neighborhood[0].answer) for r in reqs if r.neighborhood]
+
+    pre_top1 = {}
+    for k in checkpoints:
+        rows = loc_rows(pick(k))
+        sc = score_targets(model, tok, [p for p, _ in rows], [a for _, a in rows])
+        pre_top1.update({p: t for (p, _), t in zip(rows, sc.top1)})
+    stack, curve, secs = EditStack(), [], []
+    try:
+        for n, req in enumerate(requests[: max(checkpoints)], start=1):
+            t = time.perf_counter()
+            edit = editor.edit(model, tok, req)
+            if stack.is_applied:
+                stack.push(edit, model)
+            else:
+                stack.push(edit)
+                stack.apply(model)
+            secs.append(time.perf_counter() - t)
+            if n in checkpoints:
+                reqs = pick(n)
+                rw = score_targets(model, tok, [r.prompt for r in reqs], [r.target_new for r in reqs])
+                para = [(r.paraphrase_prompts[0], r.target_new) for r in reqs if r.paraphrase_prompts]
+                pp = score_targets(model, tok, [p for p, _ in para], [a for _, a in para])
+                rows = loc_rows(reqs)
+                lc = score_targets(model, tok, [p for p, _ in rows], [a for _, a in rows])
+                agree = [float(torch.equal(t, pre_top1[p])) for (p, _), t in zip(rows, lc.top1)]
+                point = {"n_edits": n, "sampled": len(reqs),
+                         "rewrite/exact": float((rw.correct == rw.length).float().mean()),
+                         "paraphrase/exact": float((pp.correct == pp.length).float().mean()),
+                         "neighborhood/agree": sum(agree) / max(1, len(agree)),
+                         "edit_seconds_mean_so_far": sum(secs) / len(secs)}
+                curve.append(point)
+                logging.info("retention: %s", point)
+    finally:
+        stack.restore(model)
+    return {"curve": curve, "edit_seconds_mean": sum(secs) / len(secs), "edit_seconds_max": max(secs)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--artifact", default=str(ROOT / "checkpoints" / "serac-smollm2-135m-counterfact.safetensors"))
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--data-dir", default=str(ROOT.parent / "shared" / "data"))
-    ap.add_argument("--parts", nargs="+", default=["quality", "sequential", "overhead"])
+    ap.add_argument("--parts", nargs="+", default=["quality", "retention", "overhead"],
+                    help="quality (kedit.eval batch mode), sequential (kedit.eval sequential mode: heavy), "
+                         "retention (light sequential curve), overhead")
     ap.add_argument("--n-batch", type=int, default=200)
     ap.add_argument("--n-seq", type=int, default=1000)
     ap.add_argument("--curve-every", type=int, default=100)
@@ -137,6 +192,20 @@ def main() -> None:
             md.append(f"| {p['n_edits']} | {p.get('seen:rewrite/es', float('nan')):.3f} | "
                       f"{p.get('seen:rewrite/acc', float('nan')):.3f} | "
                       f"{p[first[0]] if first else float('nan'):.3f} | {p['general/ppl']:.2f} |")
+        md.append("")
+    if "retention" in args.parts:
+        reqs = dev_requests(data_dir, args.n_seq, split=None)
+        ret = retention(model, tok, editor, reqs, checkpoints=tuple(c for c in (1, 10, 100, 250, 500, 1000, 2000)
+                                                                     if c <= args.n_seq))
+        out["retention"] = ret
+        md += [f"Sequential editing (one edit per step, EditStack of SERAC memories; "
+               f"{ret['edit_seconds_mean']:.4f} s per edit, max {ret['edit_seconds_max']:.3f} s). "
+               "Scores on 20 sampled stored edits (evenly over all edits so far, the first included):", "",
+               "| edits stored | rewrite exact | paraphrase exact | neighborhood top-1 agreement |",
+               "|---|---|---|---|"]
+        for p in ret["curve"]:
+            md.append(f"| {p['n_edits']} | {p['rewrite/exact']:.3f} | {p['paraphrase/exact']:.3f} | "
+                      f"{p['neighborhood/agree']:.3f} |")
         md.append("")
     if "overhead" in args.parts:
         reqs = dev_requests(data_dir, 1000, split=None)

@@ -394,7 +394,7 @@ class SERACModule(EditorCheckpointMixin, LightningModule):
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         loss = self._step(batch, "train")
         if self.global_step % 25 == 0:  # plain log lines: progress bars do not reach log files
-            log.info("step %d: loss %.4f", self.global_step, float(loss))
+            log.info("step %d: loss %.4f", self.global_step, float(loss.detach()))
         return loss
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
