@@ -248,7 +248,7 @@ def _ddp_args(tmp_path, name, batch, devices, strategy, extra=()):
             "--trainer.logger=false", "--trainer.callbacks=null", "--trainer.enable_checkpointing=false",
             "--trainer.limit_val_batches=0", "--trainer.enable_progress_bar=false",
             f"--trainer.default_root_dir={tmp_path}", f"--data.init_args.batch_size={batch}",
-            "--data.init_args.limit_train=16", "--data.init_args.shuffle=false",
+            "--data.init_args.limit_train=16",
             f"--export={tmp_path / name}", *extra]
 
 

@@ -8,20 +8,23 @@ one edit request flattened to strings::
      "loc_prompt": an unrelated prompt, "loc_answer": its answer, "index": record index}
 
 A batch is a dict of lists (tokenization is the module's job: it owns the tokenizer).
-Under DDP, Lightning shards the loader with its DistributedSampler. The record order is a
-fixed seeded permutation (no per-epoch reshuffle), so a resumed run skips exactly the
-batches it has already trained on.
+Under DDP, Lightning shards the loader with its DistributedSampler (shuffled, seeded with
+``seed_everything``, reshuffled each epoch). A single process reads the same permutation
+(torch's DistributedSampler with one replica), so R processes with batch B see the same
+examples per step as one process with batch R*B. The order is deterministic, so a resumed
+run skips exactly the batches of the current epoch it has already trained on.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import random
 from typing import Any
 
 import torch
 from lightning.pytorch import LightningDataModule
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +73,14 @@ class SkippingDataLoader(DataLoader):
             next(it, None)
         return it
 
+    # Lightning saves/restores "stateful" loaders; the position comes from its batch progress
+    # (EditDataModule._resume_skip), so there is nothing else to store.
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
 
 class EditDataModule(LightningDataModule):
     """Edit / equivalent / locality batches from a file of edit requests."""
@@ -101,8 +112,9 @@ class EditDataModule(LightningDataModule):
             limit_val: Use only the first N validation records.
             format: Record format for load_requests ("auto" detects it).
             on_error: Bad records: "skip" drops them (logged), "raise" stops at the first one.
-            seed: Seed of the fixed record permutation and of the train/val split.
-            shuffle: Permute the training records once (seeded); false keeps file order.
+            seed: Seed of the train/val split (the batch order follows seed_everything).
+            shuffle: Single process: shuffle each epoch (seeded); false keeps file order. Under DDP
+                Lightning's DistributedSampler always shuffles.
             num_workers: DataLoader worker processes.
         """
         super().__init__()
@@ -121,20 +133,15 @@ class EditDataModule(LightningDataModule):
         from kedit.data.loaders import load_requests
 
         train = load_requests(self.train_path, format=self.format, on_error=self.on_error)
-        order = list(range(len(train)))
-        rng = random.Random(self.seed)
-        if self.shuffle or self.val_path is None:
-            rng.shuffle(order)
         if self.val_path is not None:
             val = load_requests(self.val_path, format=self.format, on_error=self.on_error)
         else:
             if self.val_size >= len(train):
                 raise ValueError(f"{self.train_path}: val_size={self.val_size} leaves no training records "
                                  f"(file has {len(train)})")
-            held = set(order[: self.val_size])
+            held = set(random.Random(self.seed).sample(range(len(train)), self.val_size))
             val = [train[i] for i in sorted(held)]
-            order = order[self.val_size:] if self.shuffle else [i for i in range(len(train)) if i not in held]
-        train = [train[i] for i in order]
+            train = [r for i, r in enumerate(train) if i not in held]
         if self.limit_train:
             train = train[: self.limit_train]
         if self.limit_val:
@@ -161,7 +168,14 @@ class EditDataModule(LightningDataModule):
         skip = self._resume_skip()
         if skip:
             log.info("resuming mid-epoch: skipping %d batches already trained on", skip)
-        return SkippingDataLoader(self.train_set, batch_size=self.batch_size, shuffle=False,
+        world = getattr(self.trainer, "world_size", 1) if getattr(self, "trainer", None) else 1
+        if world > 1:  # Lightning injects its DistributedSampler
+            return SkippingDataLoader(self.train_set, batch_size=self.batch_size, shuffle=False,
+                                      collate_fn=collate, num_workers=self.num_workers, skip_batches=skip)
+        # the same seeded permutation Lightning's sampler uses, so 1 x 2B == 2 x B
+        sampler = DistributedSampler(self.train_set, num_replicas=1, rank=0, shuffle=self.shuffle,
+                                     seed=int(os.getenv("PL_GLOBAL_SEED", 0)))
+        return SkippingDataLoader(self.train_set, batch_size=self.batch_size, sampler=sampler,
                                   collate_fn=collate, num_workers=self.num_workers, skip_batches=skip)
 
     def val_dataloader(self) -> DataLoader:
