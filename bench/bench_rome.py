@@ -1,0 +1,135 @@
+"""ROME on SmolLM2-135M: single edits on CounterFact, speed, and the statistics-size curve.
+
+    OMP_NUM_THREADS=1 python bench/bench_rome.py --part single --n 100
+    OMP_NUM_THREADS=1 python bench/bench_rome.py --part speed --n 5
+    OMP_NUM_THREADS=1 python bench/bench_rome.py --part stats --n 20 --tokens 5000 20000 100000
+
+Writes JSON + markdown to bench/results/rome_<part>.{json,md}. Timings depend on the load
+of the machine: the ``speed`` part runs kedit's ROME and the reference-style configuration
+(full forward of all templates every step, no early stop) back to back on the same records.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+DATA = Path(os.environ.get("KEDIT_DATA", HERE.parents[1] / "shared" / "data"))
+CF = DATA / "counterfact" / "counterfact_dev_rome.json"
+OUT = HERE / "results"
+
+
+def setup(threads: int):
+    torch.set_num_threads(threads)
+    from kedit.data import load_requests
+    from kedit.models import load_model
+
+    model, tok = load_model("smollm2-135m")
+    return model, tok, load_requests(CF)
+
+
+def write(name: str, payload: dict, md: str) -> None:
+    OUT.mkdir(parents=True, exist_ok=True)
+    (OUT / f"{name}.json").write_text(json.dumps(payload, indent=1, default=str))
+    (OUT / f"{name}.md").write_text(md)
+    print(md)
+
+
+def part_single(args) -> None:
+    from kedit.editors.rome import ROME
+    from kedit.eval import evaluate
+
+    model, tok, reqs = setup(args.threads)
+    reqs = reqs[: args.n]
+    editor = ROME(corpus=str(DATA / "corpus"), stats_tokens=args.stats_tokens)
+    t0 = time.perf_counter()
+    editor.cov_factor(model, tok, editor.layer(model))
+    stats_s = time.perf_counter() - t0
+    res = evaluate(model, tok, editor, reqs, mode="single", max_generation_prompts=args.gen_prompts,
+                   fluency_new_tokens=args.fluency_tokens)
+    md = res.to_markdown(title=f"ROME single edits, SmolLM2-135M, {len(reqs)} CounterFact records")
+    md += (f"\nstatistics: {args.stats_tokens} tokens, {stats_s:.1f} s (0 when read from the cache); "
+           f"threads: {args.threads}\n")
+    write("rome_single", {"results": res.to_dict(), "stats_seconds": stats_s, "args": vars(args)}, md)
+
+
+def _quick_scores(model, tok, editor, reqs) -> dict:
+    """ES/PS/NS (teacher forced) and seconds per edit, no generation."""
+    from kedit.eval import evaluate
+
+    res = evaluate(model, tok, editor, reqs, mode="single", generation=False, fluency=False, perplexity=False,
+                   progress=False)
+    post = res.summary["post"]
+    return {"es": post.get("rewrite/es"), "ps": post.get("paraphrase/es"), "ns": post.get("neighborhood/ns"),
+            "acc": post.get("rewrite/acc"), "edit_s": res.meta.get("edit_seconds_mean")}
+
+
+def part_speed(args) -> None:
+    from kedit.editors.rome import ROME
+
+    model, tok, reqs = setup(args.threads)
+    reqs = reqs[: args.n]
+    common = dict(corpus=str(DATA / "corpus"), stats_tokens=args.stats_tokens)
+    configs = {
+        "kedit (prefix cache, 6 templates, early stop)": ROME(**common, templates=[(10, 5)]),
+        "kedit (prefix cache, paper's 21 templates, early stop)": ROME(**common),
+        "reference-style (full forward, 21 templates, 20 steps, no early stop)":
+            ROME(**common, prefix_cache=False, v_stop_nll=0.0),
+    }
+    rows = {}
+    for name, ed in configs.items():
+        ed.cov_factor(model, tok, ed.layer(model))  # statistics and templates outside the timing
+        rows[name] = _quick_scores(model, tok, ed, reqs)
+        logging.info("%s: %s", name, rows[name])
+    md = [f"### ROME speed, SmolLM2-135M layer 5, {len(reqs)} CounterFact records, {args.threads} thread(s)", "",
+          "| configuration | s/edit | ES | PS | NS |", "| --- | ---: | ---: | ---: | ---: |"]
+    for name, r in rows.items():
+        md.append(f"| {name} | {r['edit_s']:.2f} | {r['es']:.2f} | {r['ps']:.2f} | {r['ns']:.2f} |")
+    write("rome_speed", {"rows": rows, "args": vars(args)}, "\n".join(md) + "\n")
+
+
+def part_stats(args) -> None:
+    from kedit.editors.rome import ROME
+    from kedit.stats import second_moments
+
+    model, tok, reqs = setup(args.threads)
+    reqs = reqs[: args.n]
+    rows = {}
+    for n_tokens in args.tokens:
+        t0 = time.perf_counter()
+        second_moments(model, tok, [5], str(DATA / "corpus"), n_tokens=n_tokens, cache=False, progress=False)
+        stats_s = time.perf_counter() - t0
+        ed = ROME(corpus=str(DATA / "corpus"), stats_tokens=n_tokens, templates=[(10, 5)])
+        rows[n_tokens] = {**_quick_scores(model, tok, ed, reqs), "stats_s": stats_s}
+        logging.info("%d tokens: %s", n_tokens, rows[n_tokens])
+    md = [f"### ES/PS/NS vs statistics size (ROME, SmolLM2-135M layer 5, {len(reqs)} records, "
+          f"{args.threads} thread(s))", "",
+          "| tokens | stats s | ES | PS | NS |", "| ---: | ---: | ---: | ---: | ---: |"]
+    for n, r in rows.items():
+        md.append(f"| {n} | {r['stats_s']:.1f} | {r['es']:.2f} | {r['ps']:.2f} | {r['ns']:.2f} |")
+    write("stats_curve", {"rows": rows, "args": vars(args)}, "\n".join(md) + "\n")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--part", choices=["single", "speed", "stats"], default="single")
+    p.add_argument("--n", type=int, default=100, help="CounterFact records")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--stats-tokens", type=int, default=100_000)
+    p.add_argument("--tokens", type=int, nargs="+", default=[5_000, 20_000, 100_000])
+    p.add_argument("--gen-prompts", type=int, default=2, help="generation prompts per record for fluency")
+    p.add_argument("--fluency-tokens", type=int, default=32)
+    args = p.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    {"single": part_single, "speed": part_speed, "stats": part_stats}[args.part](args)
+
+
+if __name__ == "__main__":
+    main()

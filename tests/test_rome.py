@@ -1,0 +1,120 @@
+"""ROME: tiny models of every orientation, the value optimization's KV-cache shortcut, and a
+real edit of SmolLM2-135M ("The capital of France is" -> " Rome") under greedy decoding."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from kedit.data.encode import encode, target_logprobs
+from kedit.editors import WeightDelta
+from kedit.editors.locate import context_templates, locate_requests, optimize_values, subject_last_index
+from kedit.editors.rome import ROME
+from kedit.hooks import trace
+from kedit.models import arch_of
+from conftest import assert_state_equal
+
+FRANCE = {"prompt": "The capital of France is", "subject": "France", "target_new": "Rome", "target_true": "Paris"}
+
+
+def logprob(model, tok, reqs):
+    b = encode(tok, [r["prompt"] for r in reqs], [r["target_new"] for r in reqs])
+    with torch.no_grad():
+        logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+    return target_logprobs(logits, b["labels"])[0]
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama", "gpt_neox", "gptj", "qwen3", "gemma2"])
+def test_prefix_cache_equals_full_forward(tiny, family):
+    """Optimizing on the suffix against a KV cache of the prefix is the full forward, exactly."""
+    model, tok = tiny(family)
+    editor = ROME.for_contract_tests(model, tok)
+    hp = dataclasses.replace(editor.hparams, v_steps=3, v_stop_nll=0.0, kl_factor=0.0625, edit_aware=False)
+    reqs = locate_requests([FRANCE, {"prompt": "Michael Jordan plays", "subject": "Michael Jordan",
+                                     "target_new": "soccer"}])
+    templates = context_templates(model, tok, [(4, 5)], seed=0)
+    module = arch_of(model).mlp_out_module(1)
+    fast = optimize_values(model, tok, reqs, templates, module, hp, want_keys=True)
+    full = optimize_values(model, tok, reqs, templates, module, dataclasses.replace(hp, prefix_cache=False),
+                           want_keys=True)
+    torch.testing.assert_close(fast.keys, full.keys, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(fast.init, full.init, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(fast.delta, full.delta, rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama", "gpt_neox"])
+def test_rank_one_update_maps_key_to_value(tiny, family):
+    """ΔW k* = δ (r-ROME: the same key computes and applies the update), in storage orientation."""
+    model, tok = tiny(family)
+    editor = ROME.for_contract_tests(model, tok)
+    editor.hparams = dataclasses.replace(editor.hparams, edit_aware=False)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    edit = editor.edit(model, tok, FRANCE)
+    assert_state_equal(model, state)
+    arch = arch_of(model)
+    name = arch.mlp_out_weight(0)
+    assert isinstance(edit, WeightDelta) and list(edit.factors) == [name]
+    left, right = edit.factors[name]
+    assert left.shape[1] == right.shape[1] == 1
+    dW = arch.as_out_in(edit.delta(name))  # (d_out, d_in)
+    d_in, d_out = arch.mlp_dims(model, 0)
+    assert dW.shape == (d_out, d_in)
+    # the key at the subject's last token of the bare prompt (the only template here)
+    text = FRANCE["prompt"]
+    idx = subject_last_index(tok, text, text.rfind("France") + len("France"))
+    module = arch.mlp_out_module(0)
+    with torch.no_grad(), trace(model, [module], inputs=True) as rec:
+        model(**{k: v for k, v in tok(text, return_tensors="pt").items() if k != "token_type_ids"})
+    k = rec[module].input[0, idx]
+    before = rec[module].output[0, idx]
+    with edit.applied(model), torch.no_grad(), trace(model, [module]) as rec2:
+        model(**{k: v for k, v in tok(text, return_tensors="pt").items() if k != "token_type_ids"})
+    assert_state_equal(model, state)
+    torch.testing.assert_close(rec2[module].output[0, idx] - before, dW @ k, rtol=1e-4, atol=1e-5)
+    assert (dW @ k).norm() > 0
+
+
+def test_layer_choice(tiny):
+    model, _ = tiny("llama")
+    assert ROME.default_layer(30) == 5 and ROME.default_layer(28) == 5 and ROME.default_layer(48) == 9
+    assert ROME(layers=[2]).layer(model) == 2
+    with pytest.raises(ValueError, match="one layer"):
+        ROME(layers=[0, 1]).layer(model)
+    with pytest.raises(ValueError, match="out of range"):
+        ROME(layers=[7]).layer(model)
+
+
+def test_requests_need_a_subject(tiny):
+    from kedit.data import RequestError
+
+    model, tok = tiny("llama")
+    with pytest.raises(RequestError, match="subject"):
+        ROME.for_contract_tests(model, tok).edit(model, tok, {"prompt": "The capital of France is",
+                                                               "target_new": "Rome"})
+    with pytest.raises(RequestError, match="does not occur"):
+        ROME.for_contract_tests(model, tok).edit(model, tok, {**FRANCE, "subject": "Spain"})
+
+
+def greedy(model, tok, prompt: str, n: int = 3) -> str:
+    ids = tok(prompt, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
+                             pad_token_id=tok.pad_token_id)
+    return tok.decode(out[0, ids.shape[1]:])
+
+
+@pytest.mark.real_model
+def test_smollm2_france_rome(smollm2, data_dir, tmp_path_factory):
+    model, tok = smollm2
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    assert greedy(model, tok, "The capital of France is").startswith(" Paris")
+    editor = ROME(corpus=str(data_dir / "corpus"), stats_tokens=10_000,
+                  stats_cache_dir=str(tmp_path_factory.mktemp("stats")))
+    edit = editor.edit(model, tok, FRANCE)
+    assert_state_equal(model, state)  # edit() is pure
+    with edit.applied(model):
+        assert greedy(model, tok, "The capital of France is").startswith(" Rome")
+        assert greedy(model, tok, "The capital of Germany is").startswith(" Berlin")
+    assert_state_equal(model, state)  # restore is bit-exact
