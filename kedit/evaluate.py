@@ -155,6 +155,9 @@ def plot_curves(results, path: str | Path) -> Path:
     keys = [k for k in curves[-1] if ":" in k]
     for key in keys:
         ax.plot(x, [c.get(key, float("nan")) for c in curves], marker="o", label=key)
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("edits applied")
     ax.set_ylabel("success rate")
     ax.set_ylim(-0.02, 1.02)

@@ -435,21 +435,34 @@ def evaluate(
     try:
         if mode in ("single", "batch"):
             post_ppl: list[tuple[float, int]] = []
-            for group in _chunks(list(range(len(reqs))), cfg.eval_group if mode == "single" else step):
-                pre, refs = pre_pass(group)
-                for i, m in zip(group, pre):
-                    records[i]["pre"] = m
-                for chunk in _chunks(group, step):
+            # single: pre-edit passes batched over eval_group requests, then one edit each;
+            # batch: one edit per chunk, scored in eval_group sub-groups (bounded reference memory)
+            outer = cfg.eval_group if mode == "single" else step
+            for block in _chunks(list(range(len(reqs))), outer):
+                if mode == "single":
+                    pre, refs = pre_pass(block)
+                    units = [([i], [pre[k]], [refs[k]]) for k, i in enumerate(block)]
+                else:
+                    units = [(block, None, None)]
+                for chunk, pre, refs in units:
                     edit, dt = timer.edit(editor, model, tokenizer, [reqs[i] for i in chunk])
                     check("after Editor.edit (edit() must not change the model)")
-                    with edit.applied(model):
-                        post, _ = scorer.score([reqs[i] for i in chunk], [refs[group.index(i)] for i in chunk])
-                        ppl = scorer.perplexity()
-                    check(f"after restoring the edit of request(s) {chunk}")
+                    subs = [chunk] if pre is not None else _chunks(chunk, cfg.eval_group)
+                    for k, sub in enumerate(subs):
+                        if pre is None:
+                            sub_pre, sub_refs = pre_pass(sub)
+                        else:
+                            sub_pre, sub_refs = pre, refs
+                        with edit.applied(model):
+                            post, _ = scorer.score([reqs[i] for i in sub], sub_refs)
+                            if k == len(subs) - 1:
+                                ppl = scorer.perplexity()
+                        check(f"after restoring the edit of request(s) {chunk[0]}..{chunk[-1]}")
+                        for i, a, b in zip(sub, sub_pre, post):
+                            records[i].update(pre=a, post=b, edit_seconds=dt / len(chunk), edit_step=len(post_ppl))
                     post_ppl.append(ppl)
-                    for i, m in zip(chunk, post):
-                        m["general/ppl"] = M.perplexity(*ppl)
-                        records[i].update(post=m, edit_seconds=dt / len(chunk), edit_step=len(post_ppl) - 1)
+                    for i in chunk:
+                        records[i]["post"]["general/ppl"] = M.perplexity(*ppl)
                         records[i]["pre"]["general/ppl"] = M.perplexity(*ppl_pre)
                         done(i)
                     bar.update(len(chunk))
