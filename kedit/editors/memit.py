@@ -173,15 +173,9 @@ class MEMIT(Editor):
             for d in reversed(applied):
                 d.restore(model)
 
-        factors, dense = {}, {}
-        for name, (a, b) in updates.items():
-            if a.shape[1] * (a.shape[0] + b.shape[0]) < a.shape[0] * b.shape[0]:
-                factors[name] = (a.contiguous(), b.contiguous())
-            else:
-                dense[name] = a @ b.T
         info = {"method": self.name, "layers": layers, "n_requests": len(reqs), "v_steps": steps,
                 "final_nll": [round(x, 4) for x in nlls]}
-        return WeightDelta(factors=factors, dense=dense, base=base, info=info)
+        return _packed(updates, base, info)
 
     def _edit_aware(self, model, tokenizer, reqs, templates, layers, covs, weights, base) -> WeightDelta:
         """One layer: the update's key map first, then the values optimized through it."""
@@ -198,8 +192,7 @@ class MEMIT(Editor):
             self.after_edit(model, tokenizer, reqs, templates, layers)
         info = {"method": self.name, "layers": layers, "n_requests": len(reqs), "v_steps": vals.steps,
                 "final_nll": [round(x, 4) for x in vals.nll], "edit_aware": True}
-        return WeightDelta(factors={weights[0]: arch.low_rank_factors(vals.delta.T.contiguous(), right.float())},
-                           base=base, info=info)
+        return _packed({weights[0]: arch.low_rank_factors(vals.delta.T.contiguous(), right.float())}, base, info)
 
     def prepare(self, model: nn.Module, tokenizer, layers: list[int], covs: dict[int, Tensor]) -> None:
         """Per-call setup before the edit (AlphaEdit builds its projections here)."""
@@ -211,3 +204,14 @@ def _progress(items, desc: str):
     from tqdm.auto import tqdm
 
     return tqdm(items, desc=desc, unit="batch", disable=None)
+
+
+def _packed(updates: dict[str, tuple[Tensor, Tensor]], base: dict, info: dict) -> WeightDelta:
+    """Low-rank factors where they are smaller than the dense matrix, else dense."""
+    factors, dense = {}, {}
+    for name, (a, b) in updates.items():
+        if a.shape[1] * (a.shape[0] + b.shape[0]) < a.shape[0] * b.shape[0]:
+            factors[name] = (a.contiguous(), b.contiguous())
+        else:
+            dense[name] = a @ b.T
+    return WeightDelta(factors=factors, dense=dense, base=base, info=info)
