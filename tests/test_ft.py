@@ -10,7 +10,6 @@ import torch
 import kedit
 from kedit.data import encode
 from kedit.data.encode import target_logprobs
-from kedit.editors.base import tensor_hash
 from kedit.editors.ft import FTL, FTM, resolve_layers
 from kedit.editors.lora import LoRA, build_adapters, merged_factors, target_modules
 from kedit.models import arch_of
@@ -127,7 +126,8 @@ def test_every_editor_has_configs():
 @pytest.mark.real_model
 def test_ftm_makes_smollm2_say_rome(smollm2):
     model, tok = smollm2
-    before = tensor_hash(dict(model.named_parameters()))
+    name = arch_of(model).mlp_out_weight(20)  # "auto" for 30 layers
+    w0 = model.get_parameter(name).detach().clone()
     prompt = tok(REQ["prompt"], return_tensors="pt")
 
     def greedy() -> str:
@@ -137,12 +137,13 @@ def test_ftm_makes_smollm2_say_rome(smollm2):
 
     assert greedy().startswith(" Paris")
     edit = kedit.editor("ft-m", num_steps=15).edit(model, tok, REQ)
-    assert tensor_hash(dict(model.named_parameters())) == before  # edit() is pure
+    assert edit.names == [name]
+    assert torch.equal(model.get_parameter(name), w0)  # edit() is pure
     with edit.applied(model):
         assert greedy().startswith(" Rome")
         batch = encode(tok, [REQ["prompt"]], [REQ["target_new"]])
         with torch.no_grad():
             _, correct, n = target_logprobs(model(input_ids=batch["input_ids"]).logits, batch["labels"])
         assert correct.item() == n.item()
-    assert tensor_hash(dict(model.named_parameters())) == before  # restore is bit-exact
+    assert torch.equal(model.get_parameter(name), w0)  # restore is bit-exact
     assert greedy().startswith(" Paris")
