@@ -217,25 +217,35 @@ def test_cross_encoder_classifier_trains(data_dir):
 @pytest.mark.real_model
 @pytest.mark.skipif(not SHIPPED.is_file(), reason="no shipped SERAC artifact")
 def test_shipped_serac_on_smollm2(smollm2):
-    """The trained SERAC: an in-scope paraphrase gets the new answer (teacher-forced and
-    generated); an unrelated prompt keeps bit-identical logits."""
+    """The trained SERAC (first edit-split CounterFact dev record): the edit prompt and its
+    dataset rephrasing get the new answer, teacher-forced and generated; an unrelated
+    prompt keeps bit-identical logits; the model is untouched afterwards."""
     import kedit
 
     model, tok = smollm2
-    editor = kedit.load_editor(SHIPPED)
+    state_keys = set(model.__dict__)
+    editor = kedit.load_editor(SHIPPED, model)
     req = {"prompt": "The mother tongue of Danielle Darrieux is", "subject": "Danielle Darrieux",
-           "target_new": "English"}
-    para, other = "Danielle Darrieux, a native speaker of", "The capital of Japan is"
-    before, b = _forward(model, tok, [para, other], ["English", "Tokyo"])
+           "target_new": "English", "target_true": "French"}
+    para = "Where Danielle Darrieux is from, people speak the language of"
+    prompts, targets = [req["prompt"], para, "The capital of Japan is"], ["English", "English", "Tokyo"]
+    before, b = _forward(model, tok, prompts, targets)
     edit = editor.edit(model, tok, req)
     with edit.applied(model):
-        after, _ = _forward(model, tok, [para, other], ["English", "Tokyo"])
-        ids = tok([para], return_tensors="pt")
-        gen = model.generate(**ids, max_new_tokens=3, do_sample=False)
+        after, _ = _forward(model, tok, prompts, targets)
+        tok.padding_side = "left"
+        try:
+            ids = tok(prompts[:2], return_tensors="pt", padding=True)
+            gen = model.generate(**ids, max_new_tokens=2, do_sample=False)
+        finally:
+            tok.padding_side = "right"
     _, correct, length = target_logprobs(after.logits, b["labels"])
-    assert correct[0] == length[0]  # every target token is the argmax
-    assert torch.equal(after.logits[1], before.logits[1])
-    assert "English" in tok.decode(gen[0, ids["input_ids"].shape[1]:])
+    assert (correct[:2] == length[:2]).all()  # every target token is the argmax, prompt and rephrase
+    assert torch.equal(after.logits[2], before.logits[2])
+    width = ids["input_ids"].shape[1]
+    assert all(tok.decode(g[width:]).strip().startswith("English") for g in gen)
+    assert set(model.__dict__) == state_keys
+    assert torch.equal(_forward(model, tok, prompts, targets)[0].logits, before.logits)
 
 
 def test_batched_counterfactual_matches_row_by_row(tiny):
