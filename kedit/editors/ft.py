@@ -144,7 +144,8 @@ def fit(model: nn.Module, tokenizer: PreTrainedTokenizerBase, reqs: list[EditReq
         for step in bar:
             total, solved = 0.0, []
             for batch in batches:
-                inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+                inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
+                          "use_cache": False}
                 if seq2seq:
                     inputs["labels"] = batch["labels"]
                 with spec.context():
@@ -169,7 +170,8 @@ def fit(model: nn.Module, tokenizer: PreTrainedTokenizerBase, reqs: list[EditReq
             if spec.early_stop_loss is not None and loss_avg < spec.early_stop_loss:
                 break
     bar.close()
-    return {"steps": steps, "loss": loss_avg, "argmax_before_last_step": solved_all}
+    # loss and argmax are those of the last forward pass, i.e. before the last update
+    return {"steps": steps, "loss": loss_avg, "all_argmax": solved_all}
 
 
 @contextmanager
