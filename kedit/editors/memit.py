@@ -55,8 +55,9 @@ class MEMITHparams(LocateHparams):
     """‖δ‖ is clamped to this times the norm of the original hidden state."""
     kl_factor: float = 0.0625
     """Weight of the KL essence term."""
-    mom2_update_weight: float = 15000.0
-    """λ: weight of the preserved-key statistics C against the new keys (Eq. 14)."""
+    mom2_update_weight: float | None = None
+    """λ: weight of the preserved-key statistics C against the new keys (Eq. 14). None: 15000 · d_in / 16384,
+    GPT-J's ratio (E[kᵀC⁻¹k] = d_in, so a fixed λ would realize far less of the update on narrower MLPs)."""
 
 
 class MEMIT(Editor):
@@ -119,7 +120,10 @@ class MEMIT(Editor):
 
         ``K`` (d_in, n) keys, ``R`` (d_out, n) residuals, float64.
         """
-        A = self.hparams.mom2_update_weight * ridge(C, self.hparams.cov_ridge) + K @ K.T
+        lam = self.hparams.mom2_update_weight
+        if lam is None:
+            lam = 15000.0 * C.shape[0] / 16384
+        A = lam * ridge(C, self.hparams.cov_ridge) + K @ K.T
         right = torch.linalg.solve(A, K)  # (d_in, n); A is symmetric
         return R, right
 
