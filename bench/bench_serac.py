@@ -95,7 +95,9 @@ def retention(model, tok, editor, requests, checkpoints=(1, 10, 100, 250, 500, 1
     from kedit.eval.scoring import score_targets
 
     def pick(k: int) -> list:
-        idx = sorted({round(j * (k - 1) / max(1, sample - 1)) for j in range(min(k, sample))})
+        if k <= sample:
+            return requests[:k]
+        idx = sorted({round(j * (k - 1) / (sample - 1)) for j in range(sample)})
         return [requests[i] for i in idx]
 
     def loc_rows(reqs):

@@ -250,8 +250,17 @@ def induction_copy(seq: Sequence[int], start: int, end: int, positions: Sequence
     return out
 
 
+_SAME_VOCAB: dict[tuple[int, int], tuple[object, object, bool]] = {}
+
+
 def same_vocab(a: PreTrainedTokenizerBase, b: PreTrainedTokenizerBase) -> bool:
-    return a is b or (len(a) == len(b) and a.get_vocab() == b.get_vocab())
+    """Whether two tokenizers map text to the same ids (cached per pair: vocabularies are big)."""
+    if a is b:
+        return True
+    key = (id(a), id(b))
+    if key not in _SAME_VOCAB:  # the entry keeps both alive, so their ids cannot be reused
+        _SAME_VOCAB[key] = (a, b, len(a) == len(b) and a.get_vocab() == b.get_vocab())
+    return _SAME_VOCAB[key][2]
 
 
 def causal_lm_loss(logits: Tensor, labels: Tensor) -> Tensor:
