@@ -95,11 +95,7 @@ def locate_requests(requests) -> list[EditRequest]:
     """Validated requests that name their subject."""
     from kedit.editors.base import as_requests
 
-    try:
-        reqs = as_requests(requests)
-    except ImportError:  # kedit.data.loaders not available: accept EditRequests and dicts
-        items = [requests] if isinstance(requests, (EditRequest, dict)) else list(requests)
-        reqs = [r if isinstance(r, EditRequest) else EditRequest(**r) for r in items]
+    reqs = as_requests(requests)
     for i, r in enumerate(reqs):
         if not r.subject:
             raise RequestError("locate-then-edit methods need the request's subject", index=i, field="subject")
