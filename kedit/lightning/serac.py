@@ -141,7 +141,9 @@ class SERACModule(EditorCheckpointMixin, LightningModule):
         self.train_cfg = training or SERACTraining()
         if self.cfg.counterfactual == "base":
             raise ValueError("training needs a counterfactual LM name (e.g. smollm2-135m), not 'base'")
-        self.save_hyperparameters({"editor": asdict(self.cfg), "training": asdict(self.train_cfg), "dtype": dtype})
+        # _class_path: LightningCLI reads it back when resuming with --ckpt_path
+        self.save_hyperparameters({"editor": asdict(self.cfg), "training": asdict(self.train_cfg), "dtype": dtype,
+                                   "_class_path": f"{type(self).__module__}.{type(self).__qualname__}"})
         self.base, self.tokenizer = load_base(self.cfg.counterfactual, dtype)
         self.base.requires_grad_(False).eval()
         self.editor = nn.Module()
