@@ -39,7 +39,7 @@ def main() -> None:
     p.add_argument("--step", type=int, default=50, help="requests per edit in sequential mode")
     p.add_argument("--editors", nargs="+", default=None, help="default: memit (batch), memit alphaedit (sequential)")
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--stats-tokens", type=int, default=100_000)
+    p.add_argument("--stats-tokens", type=int, default=20_000)
     p.add_argument("--generation", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--gen-prompts", type=int, default=1, help="generation prompts per record for fluency")
     p.add_argument("--fluency-tokens", type=int, default=32)

@@ -144,7 +144,7 @@ def main() -> None:
     p.add_argument("--part", choices=["single", "speed", "stats"], default="single")
     p.add_argument("--n", type=int, default=100, help="CounterFact records")
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--stats-tokens", type=int, default=100_000)
+    p.add_argument("--stats-tokens", type=int, default=20_000)
     p.add_argument("--tokens", type=int, nargs="+", default=[5_000, 20_000, 100_000])
     p.add_argument("--gen-prompts", type=int, default=2, help="generation prompts per record for fluency")
     p.add_argument("--fluency-tokens", type=int, default=32)

@@ -70,7 +70,7 @@ class LocateHparams:
     """Requests whose values are optimized together in one batch."""
     corpus: str | list[str] | None = None
     """Covariance corpus: a local text/JSONL file or folder, a HF dataset id, or texts (None: kedit.stats.default_corpus())."""
-    stats_tokens: int = 100_000
+    stats_tokens: int = 20_000
     """Number of corpus tokens for the second-moment statistics."""
     stats_seq_len: int = 256
     """Sequence length of the statistics pass."""
