@@ -17,7 +17,7 @@ demo: setup
 	$(PY) -m kedit.demo
 
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=20
 
 test-all: setup
 	$(PY) -m pytest -q -m "slow or not slow"

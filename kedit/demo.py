@@ -17,6 +17,7 @@ import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +103,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--target-new", default=EDIT_TARGET_NEW, help="new answer for the edited fact")
     p.add_argument("--max-new-tokens", type=int, default=6)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--data", default=None,
+                   help="CounterFact/zsRE file for the evaluation table (default: "
+                        "$KEDIT_DATA or ../shared/data, counterfact/counterfact_dev_rome.json)")
+    p.add_argument("--eval-records", type=int, default=3,
+                   help="records evaluated after the demo edit, single mode (0: skip the table)")
     p.add_argument("-v", "--verbose", action="store_true", help="log progress (INFO)")
     return p.parse_args(argv)
 
@@ -126,6 +132,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     before = answer(model, tok, [p for _, p in prompts], args.max_new_tokens)
     rows = [Row(kind, prompt, text) for (kind, prompt), text in zip(prompts, before)]
 
+    edited = False
     if args.editor.lower() != "none":
         request = demo_request(args.target_new)
         print(f"edit: {args.editor}: {EDIT_PROMPT!r} {EDIT_TARGET_TRUE} -> {args.target_new}")
@@ -138,9 +145,40 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             print(f"edit computed in {time.perf_counter() - t0:.1f} s")
             compare(model, tok, rows, edit, args.max_new_tokens)
+            edited = True
     print()
     print(format_table(rows))
+    if edited and args.eval_records > 0:
+        table = evaluation_table(model, tok, args.editor, args.data, args.eval_records)
+        if table:
+            print()
+            print(table)
     return 0
+
+
+def default_data() -> Path:
+    import os
+
+    root = Path(os.environ.get("KEDIT_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data")
+    return root / "counterfact" / "counterfact_dev_rome.json"
+
+
+def evaluation_table(model, tokenizer, editor_name: str, data: str | None, n: int) -> str | None:
+    """Single-mode evaluation of ``editor_name`` on the first ``n`` records (markdown)."""
+    import kedit
+    from kedit.data import load_requests
+    from kedit.eval import EvalConfig, evaluate
+
+    path = Path(data) if data else default_data()
+    if not path.is_file():
+        log.warning("no evaluation data at %s (pass --data); skipping the evaluation table", path)
+        return None
+    requests = load_requests(path, limit=n, on_error="skip")
+    print(f"\nevaluating {editor_name} on the first {len(requests)} records of {path} (single mode) ...")
+    config = EvalConfig(fluency=False, max_generation_prompts=1, ppl_docs=2, ppl_tokens=128)
+    results = evaluate(model, tokenizer, kedit.editor(editor_name), requests, mode="single",
+                       config=config, progress=True)
+    return results.to_markdown()
 
 
 if __name__ == "__main__":

@@ -35,7 +35,7 @@ examples:
   python -m kedit.evaluate --editor ft-m --data ../shared/data/counterfact/counterfact_dev_rome.json --limit 50
   python -m kedit.evaluate --editor memit --mode sequential --batch-size 50 --limit 500 --plot \\
       --data ../shared/data/counterfact/counterfact_dev_rome.json
-  python -m kedit.evaluate --editor checkpoints/mend-smollm2-135m.safetensors --data ../shared/data/zsre/zsre_dev_mend.json
+  python -m kedit.evaluate --editor checkpoints/mend-smollm2-135m-counterfact.safetensors --data ../shared/data/zsre/zsre_dev_mend.json --skip-bad
 """
 
 

@@ -47,7 +47,7 @@ def test_demo_edit_applied_then_restored(tiny_folder, capsys, monkeypatch):
         return AlwaysRome(rome)
 
     monkeypatch.setattr(demo, "make_edit", fake_edit)
-    demo.main(["--model", tiny_folder, "--target-new", "Rome", "--max-new-tokens", "3"])
+    demo.main(["--model", tiny_folder, "--target-new", "Rome", "--max-new-tokens", "3", "--eval-records", "0"])
     lines = capsys.readouterr().out.splitlines()
     header = next(line for line in lines if line.startswith(" ") and "edited" in line)
     assert [c.strip() for c in header.split("|")] == ["", "prompt", "answer", "edited", "restored"]
@@ -74,3 +74,15 @@ def test_format_table():
     assert len(lines) == 4 and set(lines[1]) <= {"-", "+"}
     assert [c.strip() for c in lines[2].split("|")] == ["edit", "A is in", "Paris", "Rome", "Paris"]
     assert [c.strip() for c in lines[3].split("|")] == ["neighbour", "B is", "x", "", ""]
+
+
+def test_demo_evaluation_table(data_dir):
+    model, tok = tiny_model("llama")
+    data = data_dir / "counterfact" / "counterfact_dev_rome.json"
+    table = demo.evaluation_table(model, tok, "ft-m", str(data), 2)
+    assert "rewrite/es" in table and "pre" in table and "post" in table
+
+
+def test_demo_evaluation_table_without_data(tmp_path):
+    model, tok = tiny_model("llama")
+    assert demo.evaluation_table(model, tok, "ft-m", str(tmp_path / "missing.json"), 2) is None
