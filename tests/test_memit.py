@@ -115,7 +115,6 @@ def test_alphaedit_accumulates_previous_keys(tiny):
     assert independent.previous_keys[0].abs().max() == 0
 
 
-@pytest.mark.slow  # ~5 min of value optimization on 2 CPU cores: `make test-all` runs it
 @pytest.mark.real_model
 def test_smollm2_memit_20_requests_one_batch(smollm2, data_dir, tmp_path_factory):
     from kedit.data import load_requests

@@ -45,18 +45,6 @@ class ROMEHparams(LocateHparams):
     templates: list[tuple[int, int]] = field(default_factory=lambda: [(5, 10), (10, 10)])
     """Context templates as (length in tokens, count) pairs: the paper's 10 of 5 and 10 of 10 tokens
     (MEMIT's 5 of 10 tokens is ~2x faster but generalizes to other subjects more on SmolLM2)."""
-    v_lr: float = 0.5
-    """Adam learning rate of δ."""
-    v_steps: int = 20
-    """Maximum optimization steps for δ."""
-    v_stop_nll: float = 0.05
-    """Early stop once the mean per-token NLL of the target is below this."""
-    v_weight_decay: float = 0.5
-    """Weight of the ‖δ‖ / ‖v‖² penalty."""
-    clamp_norm_factor: float = 4.0
-    """‖δ‖ is clamped to this times the norm of the original MLP output."""
-    kl_factor: float = 0.0625
-    """Weight of the KL essence term."""
     same_key: bool = True
     """r-ROME: use the template-averaged key k* both to compute and to apply the update."""
 
