@@ -43,18 +43,10 @@ class MEMITHparams(LocateHparams):
     """Edited layers; None: 5 consecutive MLPs ending at ~27% of the depth (GPT-J: 3-8 of 28)."""
     templates: list[tuple[int, int]] = field(default_factory=lambda: [(10, 5)])
     """Context templates as (length in tokens, count) pairs (the paper: 5 of 10 tokens)."""
-    v_lr: float = 0.5
-    """Adam learning rate of δ."""
     v_steps: int = 25
     """Maximum optimization steps for δ."""
-    v_stop_nll: float = 0.05
-    """Early stop once the mean per-token NLL of the target is below this."""
-    v_weight_decay: float = 0.5
-    """Weight of the ‖δ‖ / ‖z‖² penalty."""
     clamp_norm_factor: float = 0.75
     """‖δ‖ is clamped to this times the norm of the original hidden state."""
-    kl_factor: float = 0.0625
-    """Weight of the KL essence term."""
     mom2_update_weight: float | None = None
     """λ: weight of the preserved-key statistics C against the new keys (Eq. 14). None: 15000 · d_in / 16384,
     GPT-J's ratio (E[kᵀC⁻¹k] = d_in, so a fixed λ would realize far less of the update on narrower MLPs)."""
