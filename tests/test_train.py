@@ -25,7 +25,8 @@ def test_trainer_preset_parses(trainer):
     experiment = ROOT / "configs" / "mend" / "tiny-llama.yaml"
     cfg = _parse(["--config", str(experiment), "--trainer", str(trainer)])
     t = cfg.fit.trainer
-    assert t.logger["class_path"] == "kedit.lightning.common.WandbLogger"
+    loggers = [lg["class_path"] for lg in t.logger]
+    assert loggers == ["kedit.lightning.common.WandbLogger", "lightning.pytorch.loggers.CSVLogger"]
     ckpt = [c for c in t.callbacks if c["class_path"].endswith("ModelCheckpoint")]
     assert ckpt and ckpt[0]["init_args"]["dirpath"] == "checkpoints" and ckpt[0]["init_args"]["save_last"]
     assert t.inference_mode is False
