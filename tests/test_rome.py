@@ -44,6 +44,29 @@ def test_prefix_cache_equals_full_forward(tiny, family):
     torch.testing.assert_close(fast.delta, full.delta, rtol=1e-3, atol=1e-4)
 
 
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_finished_requests_leave_the_batch(tiny, family):
+    """Per-request early stop with compaction: a batch gives each request the δ it gets alone."""
+    model, tok = tiny(family)
+    editor = ROME.for_contract_tests(model, tok)
+    hp = dataclasses.replace(editor.hparams, v_steps=8, v_stop_nll=0.0, kl_factor=0.0625, edit_aware=False, v_lr=0.5)
+    reqs = locate_requests([FRANCE, {"prompt": "Michael Jordan plays", "subject": "Michael Jordan",
+                                     "target_new": "soccer"}])
+    templates = context_templates(model, tok, [(4, 5)], seed=0)
+    module = arch_of(model).mlp_out_module(1)
+    # the first request's NLL after 3 and 4 steps: stop it between the two
+    nll3 = optimize_values(model, tok, reqs[:1], templates, module, dataclasses.replace(hp, v_steps=3)).nll[0]
+    nll4 = optimize_values(model, tok, reqs[:1], templates, module, dataclasses.replace(hp, v_steps=4)).nll[0]
+    assert nll4 < nll3
+    hp = dataclasses.replace(hp, v_stop_nll=(nll3 + nll4) / 2)
+    both = optimize_values(model, tok, reqs, templates, module, hp)
+    alone = [optimize_values(model, tok, [r], templates, module, hp) for r in reqs]
+    assert both.steps[0] == 4 and both.steps[0] != both.steps[1]
+    assert both.steps == [a.steps[0] for a in alone]
+    torch.testing.assert_close(both.delta, torch.cat([a.delta for a in alone]), rtol=1e-3, atol=1e-5)
+    torch.testing.assert_close(torch.tensor(both.nll), torch.tensor([a.nll[0] for a in alone]), rtol=1e-3, atol=1e-5)
+
+
 @pytest.mark.parametrize("family", ["gpt2", "llama", "gpt_neox"])
 def test_rank_one_update_maps_key_to_value(tiny, family):
     """ΔW k* = δ (r-ROME: the same key computes and applies the update), in storage orientation."""

@@ -12,9 +12,10 @@
 Speed. Nothing before the subject's last token depends on ``δ``: one no-grad pass over
 those prefixes fills a KV cache, and each optimization step runs only the few suffix tokens
 (subject's last token, rest of the prompt, target) against it. Prefixes are left-padded so
-that every suffix starts at the same column. Model weights are frozen (no weight
-gradients), the templates are batched into one forward, and the loop stops early once the
-target is reached.
+that every suffix starts at the same column; suffixes are right-aligned (masked padding in
+between) so that the vocabulary projection runs only on the last few columns, where the
+targets are. Model weights are frozen (no weight gradients), the templates are batched into
+one forward, and each request leaves the batch as soon as it reaches its target (early stop).
 """
 
 from __future__ import annotations
@@ -320,13 +321,26 @@ class _SuffixBatch:
         for (ids, lab), s in zip(seqs, split):
             pre_ids.append([pad] * (P - s) + ids[:s])
             pre_mask.append([0] * (P - s) + [1] * s)
+            # suffixes are right-aligned (masked padding between prefix and suffix), so every
+            # row's target sits in the last columns and logits are needed only there
             k = len(ids) - s
-            suf_ids.append(ids[s:] + [pad] * (S - k))
-            suf_mask.append([1] * k + [0] * (S - k))
-            suf_lab.append(lab[s:] + [IGNORE] * (S - k))
-            suf_pos.append(list(range(s, s + S)))
+            suf_ids.append([pad] * (S - k) + ids[s:])
+            suf_mask.append([0] * (S - k) + [1] * k)
+            suf_lab.append([IGNORE] * (S - k) + lab[s:])
+            suf_pos.append([s] * (S - k) + list(range(s, s + k)))
+        at = [S - (len(ids) - s) + (a - s) for (ids, _), a, s in zip(seqs, subject, split)]
+        # the leftmost column whose logits are used: a target's predicting position or a KL token
+        first = S - 1
+        for j, (row, lab) in enumerate(zip(rows, suf_lab)):
+            cols = [c for c, x in enumerate(lab) if x != IGNORE]
+            if cols:
+                first = min(first, cols[0] - 1)
+            if row.kind == "kl":
+                first = min(first, at[j])
         t = lambda x: torch.tensor(x, device=device)  # noqa: E731
         self.prefix_len = P
+        self.keep = S - max(first, 0)
+        """Number of last suffix columns whose logits the loss reads."""
         self.pre_ids, self.pre_mask = t(pre_ids), t(pre_mask)
         self.pre_pos = (self.pre_mask.cumsum(-1) - 1).clamp(min=0)
         self.suf_ids, self.suf_labels, self.suf_pos = t(suf_ids), t(suf_lab), t(suf_pos)
@@ -335,7 +349,7 @@ class _SuffixBatch:
         self.is_rewrite = t([r.kind == "rewrite" for r in rows])
         self.is_kl = t([r.kind == "kl" for r in rows])
         self.is_bare = t([r.kind == "rewrite" and r.template == 0 for r in rows])
-        self.at = t([a - s for a, s in zip(subject, split)])  # subject's last token within the suffix
+        self.at = t(at)  # subject's last token within the suffix
 
 
 def optimize_values(model: nn.Module, tokenizer, requests: Sequence[EditRequest], templates: Sequence[str],
@@ -351,13 +365,16 @@ def optimize_values(model: nn.Module, tokenizer, requests: Sequence[EditRequest]
     device = next(model.parameters()).device
     rows = rewrite_rows(requests, templates, kl=hp.kl_factor > 0)
     batch = _SuffixBatch(tokenizer, requests, rows, device, use_prefix=hp.prefix_cache)
-    ar = torch.arange(len(rows), device=device)
     n = len(requests)
     cache_kw = _cache_kwarg(model)
+    params = inspect.signature(model.forward).parameters
+    keep = batch.keep if "logits_to_keep" in params else batch.suf_ids.shape[1]
+    labels = batch.suf_labels[:, -keep:]
+    at_kept = batch.at - (batch.suf_ids.shape[1] - keep)
     with frozen(model):
         prefix_cache = None
         if batch.prefix_len > 0:
-            extra = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+            extra = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
             with torch.no_grad():
                 out = model(input_ids=batch.pre_ids, attention_mask=batch.pre_mask, position_ids=batch.pre_pos,
                             use_cache=True, **extra)
@@ -366,56 +383,79 @@ def optimize_values(model: nn.Module, tokenizer, requests: Sequence[EditRequest]
         state: dict[str, Tensor] = {}
         holder: dict = {}
         req = batch.request
+        # rows still optimized: requests that reached the target leave the batch (compaction)
+        cur: dict = {"rows": torch.arange(len(rows), device=device), "cache": prefix_cache}
 
         def add_delta(_name: str, y: Tensor) -> Tensor:
+            sel = cur["rows"]
+            ar = torch.arange(len(sel), device=device)
             if "init" not in state:
-                state["init"] = y[ar, batch.at].detach().float()
+                state["init"] = y[ar, batch.at[sel]].detach().float()
             if edit_right is not None:
                 x = holder["rec"][module].input.float()
                 return y + ((x @ edit_right.T) @ delta).to(y.dtype)
             add = torch.zeros_like(y)
-            add[ar, batch.at] = delta[req].to(y.dtype)
+            add[ar, batch.at[sel]] = delta[req[sel]].to(y.dtype)
             return y + add
 
         def forward() -> Tensor:
-            kwargs = {}
-            if prefix_cache is not None:
-                kwargs[cache_kw] = copy.deepcopy(prefix_cache)
-            with trace(model, [module], inputs=(want_keys and "keys" not in state) or edit_right is not None,
+            sel = cur["rows"]
+            kwargs = {"logits_to_keep": keep} if "logits_to_keep" in params else {}
+            if cur["cache"] is not None:
+                kwargs[cache_kw] = copy.deepcopy(cur["cache"])
+            first = "keys" not in state
+            with trace(model, [module], inputs=(want_keys and first) or edit_right is not None,
                        outputs=False, edit_output=add_delta) as rec:
                 holder["rec"] = rec
-                logits = model(input_ids=batch.suf_ids, attention_mask=batch.mask, position_ids=batch.suf_pos,
-                               use_cache=prefix_cache is not None, **kwargs).logits
-            if want_keys and "keys" not in state:
-                state["keys"] = rec[module].input[ar, batch.at].detach().float()
-            return logits
+                logits = model(input_ids=batch.suf_ids[sel], attention_mask=batch.mask[sel],
+                               position_ids=batch.suf_pos[sel], use_cache=cur["cache"] is not None,
+                               **kwargs).logits
+            if want_keys and first:
+                state["keys"] = rec[module].input[torch.arange(len(sel), device=device), batch.at[sel]].detach().float()
+            return logits[:, -keep:]
+
+        def compact(done: Tensor) -> None:
+            """Drop the rows of finished requests (and their prefix cache rows)."""
+            sel = (~done[req]).nonzero().flatten()
+            if prefix_cache is not None:
+                if not hasattr(prefix_cache, "batch_select_indices"):
+                    return  # no cache row selection: keep computing every row
+                cache = copy.deepcopy(prefix_cache)
+                cache.batch_select_indices(sel)
+                cur["cache"] = cache
+            cur["rows"] = sel
 
         width = arch_of(model).mlp_dims(model, 0)[1]  # d_model: mlp_out and blocks both output it
         delta = torch.zeros(n, width, device=device, requires_grad=True)
         opt = torch.optim.Adam([delta], lr=hp.v_lr)
-        rw, klr = batch.is_rewrite, batch.is_kl
-        n_rw = torch.zeros(n, device=device).index_add_(0, req[rw], torch.ones(int(rw.sum()), device=device))
+        n_rw = torch.zeros(n, device=device).index_add_(0, req[batch.is_rewrite],
+                                                        torch.ones(int(batch.is_rewrite.sum()), device=device))
         done = torch.zeros(n, dtype=torch.bool, device=device)
         steps = [hp.v_steps] * n
         kl_init = None
+        init_norm = None
         last_nll = torch.zeros(n)
         for step in range(hp.v_steps + 1):
             logits = forward()
-            logp, _, length = target_logprobs(logits[rw], batch.suf_labels[rw])
+            sel = cur["rows"]
+            r_sel, rw, klr, at = req[sel], batch.is_rewrite[sel], batch.is_kl[sel], at_kept[sel]
+            logp, _, length = target_logprobs(logits[rw], labels[sel][rw])
             nll_row = -logp / length.clamp(min=1)
-            nll = torch.zeros(n, device=device).index_add(0, req[rw], nll_row) / n_rw
+            nll = torch.zeros(n, device=device).index_add(0, r_sel[rw], nll_row) / n_rw
             loss = nll
             if klr.any():
-                kl_logp = torch.log_softmax(logits[klr, batch.at[klr]].float(), dim=-1)
-                if kl_init is None:
-                    kl_init = kl_logp.detach()
-                kl_row = (kl_logp.exp() * (kl_logp - kl_init)).sum(-1)  # KL(current || init)
-                loss = loss + hp.kl_factor * torch.zeros(n, device=device).index_add(0, req[klr], kl_row)
-            init = state["init"][batch.is_bare]
-            init_norm = init.norm(dim=-1)
-            loss = loss + hp.v_weight_decay * delta.norm(dim=-1) / init_norm ** 2
-            last_nll = nll.detach().cpu()
-            newly = (nll.detach() < hp.v_stop_nll) & ~done
+                kl_logp = torch.log_softmax(logits[klr, at[klr]].float(), dim=-1)
+                if kl_init is None:  # the first step sees every row: one KL row per request
+                    kl_init = torch.zeros(n, kl_logp.shape[-1], device=device)
+                    kl_init[r_sel[klr]] = kl_logp.detach()
+                kl_row = (kl_logp.exp() * (kl_logp - kl_init[r_sel[klr]])).sum(-1)  # KL(current || init)
+                loss = loss + hp.kl_factor * torch.zeros(n, device=device).index_add(0, r_sel[klr], kl_row)
+            if init_norm is None:
+                init_norm = state["init"][batch.is_bare].norm(dim=-1)
+            active = ~done
+            loss = loss + hp.v_weight_decay * delta.norm(dim=-1) / init_norm ** 2 * active
+            last_nll[active.cpu()] = nll.detach().cpu()[active.cpu()]
+            newly = (nll.detach() < hp.v_stop_nll) & active
             for i in newly.nonzero().flatten().tolist():
                 steps[i] = step
             done |= newly
@@ -423,18 +463,21 @@ def optimize_values(model: nn.Module, tokenizer, requests: Sequence[EditRequest]
                 break
             opt.zero_grad()
             loss.sum().backward()
-            keep = delta.detach()[done].clone()
+            keep_delta = delta.detach()[done].clone()
             opt.step()
             with torch.no_grad():
                 if done.any():
-                    delta[done] = keep
+                    delta[done] = keep_delta
                 max_norm = hp.clamp_norm_factor * init_norm
                 norm = delta.norm(dim=-1)
                 scale = torch.where(norm > max_norm, max_norm / norm.clamp(min=1e-12), torch.ones_like(norm))
                 delta.mul_(scale[:, None])
+            if bool(newly.any()):
+                compact(done)
     keys = bare = None
     if want_keys:
         k = state["keys"]
+        rw = batch.is_rewrite
         keys = torch.zeros(n, k.shape[-1], device=device).index_add_(0, req[rw], k[rw]) / n_rw[:, None]
         bare = k[batch.is_bare]
     log.debug("value optimization: steps %s, final nll %s", steps, last_nll.tolist())

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from kedit.editors.base import Editor, WeightDelta, base_identity, model_name
 from kedit.editors.locate import (LocateHparams, context_templates, depth_layer, locate_requests,
-                                  optimize_values, ridge, subject_keys)
+                                  optimize_values, ridge, subject_keys, subject_last_index)
 from kedit.models.arch import arch_of
 
 log = logging.getLogger(__name__)
@@ -139,16 +139,20 @@ class MEMIT(Editor):
             return self._edit_aware(model, tokenizer, reqs, templates, layers, covs, weights, base)
 
         # 1. target hidden states at the last edited layer (Eq. 16), in batches of requests
+        # (requests of similar suffix length share a batch: less padding in every step)
         z_layer = layers[-1]
-        deltas, inits, steps, nlls = [], [], [], []
+        order = sorted(range(len(reqs)), key=lambda i: _suffix_length(tokenizer, reqs[i]))
+        deltas, inits, steps, nlls = [], [], [0] * len(reqs), [0.0] * len(reqs)
         chunks = range(0, len(reqs), hp.v_batch_size)
         for b in _progress(chunks, f"{self.name}: values"):
-            vals = optimize_values(model, tokenizer, reqs[b:b + hp.v_batch_size], templates, arch.block(z_layer), hp)
+            idx = order[b:b + hp.v_batch_size]
+            vals = optimize_values(model, tokenizer, [reqs[i] for i in idx], templates, arch.block(z_layer), hp)
             deltas.append(vals.delta)
             inits.append(vals.init)
-            steps += vals.steps
-            nlls += vals.nll
-        z_target = (torch.cat(inits) + torch.cat(deltas)).double()  # (n, d)
+            for j, i in enumerate(idx):
+                steps[i], nlls[i] = vals.steps[j], vals.nll[j]
+        back = torch.tensor(order).argsort()
+        z_target = (torch.cat(inits) + torch.cat(deltas))[back].double()  # (n, d), request order
 
         # 2. spread the residual over the layers, earlier layers first (Eqs. 14-20)
         updates: dict[str, tuple[Tensor, Tensor]] = {}
@@ -192,6 +196,13 @@ class MEMIT(Editor):
 
     def prepare(self, model: nn.Module, tokenizer, layers: list[int], covs: dict[int, Tensor]) -> None:
         """Per-call setup before the edit (AlphaEdit builds its projections here)."""
+
+
+def _suffix_length(tokenizer, request) -> int:
+    """Tokens from the subject's last token to the end of prompt + target (the optimized part)."""
+    text = request.prompt + " " + request.target_new
+    end = request.prompt.rfind(request.subject) + len(request.subject)
+    return len(tokenizer(text)["input_ids"]) - subject_last_index(tokenizer, text, end)
 
 
 def _progress(items, desc: str):
