@@ -43,6 +43,7 @@ def main() -> None:
     p.add_argument("--generation", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--gen-prompts", type=int, default=1, help="generation prompts per record for fluency")
     p.add_argument("--fluency-tokens", type=int, default=32)
+    p.add_argument("--hparams", default="{}", help="JSON of hyperparameter overrides for every editor")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     torch.set_num_threads(args.threads)
@@ -57,7 +58,8 @@ def main() -> None:
     payload, md = {"args": vars(args)}, []
     pre = None
     for name in names:
-        editor = kedit.editor(name, corpus=str(DATA / "corpus"), stats_tokens=args.stats_tokens)
+        editor = kedit.editor(name, corpus=str(DATA / "corpus"), stats_tokens=args.stats_tokens,
+                              **json.loads(args.hparams))
         t0 = time.perf_counter()
         editor.second_moments(model, tok, editor.layers(model))
         stats_s = time.perf_counter() - t0
@@ -67,14 +69,23 @@ def main() -> None:
             res = evaluate(model, tok, editor, reqs, mode="batch", **common)
             title = f"{name}: one batch of {len(reqs)} CounterFact records, SmolLM2-135M"
         else:
-            res = evaluate(model, tok, editor, reqs, mode="sequential", batch_size=args.step, **common)
+            tag = f"memit_{args.part}_{args.n}" + (f"_{'_'.join(names)}" if args.editors else "")
+            partial = OUT / f"{tag}.{name}.partial.json"
+
+            def save_point(point: dict, _curve: list = [], _path: Path = partial) -> None:
+                _curve.append(point)  # a long run killed by a deadline keeps its curve so far
+                OUT.mkdir(parents=True, exist_ok=True)
+                _path.write_text(json.dumps({"args": vars(args), "curve": _curve}, indent=1, default=str))
+
+            res = evaluate(model, tok, editor, reqs, mode="sequential", batch_size=args.step, on_curve=save_point,
+                           **common)
             title = f"{name}: sequential, {len(reqs)} records in batches of {args.step}, SmolLM2-135M"
         pre = res
         payload[name] = {"results": res.to_dict(), "stats_seconds": stats_s}
         md.append(res.to_markdown(title=title))
         md.append(f"statistics: {args.stats_tokens} tokens, layers {editor.layers(model)}, {stats_s:.1f} s "
                   f"(0 when cached); threads: {args.threads}\n")
-    write(f"memit_{args.part}_{args.n}", payload, "\n".join(md))
+    write(f"memit_{args.part}_{args.n}" + (f"_{'_'.join(names)}" if args.editors else ""), payload, "\n".join(md))
 
 
 if __name__ == "__main__":

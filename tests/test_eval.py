@@ -270,7 +270,9 @@ def test_sequential_is_stacked_not_independent(tiny, ppl_text):
     # delta of request 0 and the state after it; post scores come from the whole stack
     model, tok = tiny("llama")
     reqs = [REQUESTS[0], EditRequest(prompt="The capital of Germany is", target_new="Rome", target_true="Berlin")]
-    seq = evaluate(model, tok, Boost(), reqs, mode="sequential", ppl_path=ppl_text, **CFG)
+    points = []
+    seq = evaluate(model, tok, Boost(), reqs, mode="sequential", ppl_path=ppl_text, on_curve=points.append, **CFG)
+    assert points == seq.curves and [p["n_edits"] for p in points] == [0, 1, 2]  # streamed as measured
     single = evaluate(model, tok, Boost(), reqs, mode="single", ppl_path=ppl_text, **CFG)
     assert seq.per_request[0]["post"]["rewrite/p_new"] > single.per_request[0]["post"]["rewrite/p_new"]
 

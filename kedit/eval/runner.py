@@ -369,6 +369,7 @@ def evaluate(
     progress: bool = True,
     on_result: Callable[[int, dict[str, Any]], None] | None = None,
     reuse_pre: Results | None = None,
+    on_curve: Callable[[dict[str, Any]], None] | None = None,
     **overrides: Any,
 ) -> Results:
     """Edit and evaluate ``requests`` in ``mode``; the model is returned unedited (checked).
@@ -379,6 +380,8 @@ def evaluate(
     ``reuse_pre``: the results of an earlier run on the same model, requests and config;
     its pre-edit scores are taken instead of measured again (only the pre-edit references
     for KL / agreement are recomputed). Comparing several editors, this halves the work.
+    ``on_curve(point)``: sequential mode, called with each retention/perplexity curve point as
+    it is measured (to save partial results of long runs).
     """
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
@@ -470,7 +473,7 @@ def evaluate(
             ppl_post = (sum(p[0] for p in post_ppl), sum(p[1] for p in post_ppl))
         else:
             ppl_post = _sequential(model, tokenizer, editor, reqs, step, scorer, timer, records, curves, cfg,
-                                   bar, check, ppl_pre, done, pre_pass)
+                                   bar, check, ppl_pre, done, pre_pass, on_curve)
     finally:
         bar.close()
         if was_training:
@@ -508,7 +511,7 @@ def evaluate(
 
 
 def _sequential(model, tokenizer, editor, reqs, step, scorer, timer, records, curves, cfg, bar, check,
-                ppl_pre, done, pre_pass) -> tuple[float, int]:
+                ppl_pre, done, pre_pass, on_curve=None) -> tuple[float, int]:
     n = len(reqs)
     points = _curve_checkpoints(n, step, cfg.curve_every)
     first_k = min(points)
@@ -526,7 +529,12 @@ def _sequential(model, tokenizer, editor, reqs, step, scorer, timer, records, cu
         point["general/ppl"] = M.perplexity(*scorer.perplexity())
         return point
 
-    curves.append(curve_point(0))
+    def record(point: dict[str, Any]) -> None:
+        curves.append(point)
+        if on_curve is not None:
+            on_curve(point)
+
+    record(curve_point(0))
     try:
         done_n = 0
         for chunk in _chunks(list(range(n)), step):
@@ -540,7 +548,7 @@ def _sequential(model, tokenizer, editor, reqs, step, scorer, timer, records, cu
                 records[i].update(edit_seconds=dt / len(chunk), edit_step=len(stack.edits) - 1)
             done_n += len(chunk)
             if done_n in points:
-                curves.append(curve_point(done_n))
+                record(curve_point(done_n))
                 log.info("sequential: %d edits: %s", done_n, curves[-1])
             bar.update(len(chunk))
             bar.set_postfix(edit_s=f"{dt:.2f}")
