@@ -26,17 +26,24 @@ def logprob(model, tok, reqs):
     return target_logprobs(logits, b["labels"])[0]
 
 
+@pytest.mark.parametrize("at", ["mlp_out", "block"])
 @pytest.mark.parametrize("family", ["gpt2", "llama", "gpt_neox", "gptj", "qwen3", "gemma2"])
-def test_prefix_cache_equals_full_forward(tiny, family):
-    """Optimizing on the suffix against a KV cache of the prefix is the full forward, exactly."""
+def test_prefix_cache_equals_full_forward(tiny, family, at):
+    """Optimizing on the suffix against a KV cache of the prefix, with the blocks below δ
+    replayed, is the full forward, exactly: δ at an MLP output (ROME) or a block output (MEMIT)."""
     model, tok = tiny(family)
     editor = ROME.for_contract_tests(model, tok)
-    hp = dataclasses.replace(editor.hparams, v_steps=3, v_stop_nll=0.0, kl_factor=0.0625, edit_aware=False)
+    hp = dataclasses.replace(editor.hparams, v_steps=3, v_stop_nll=0.0, kl_factor=0.0625, edit_aware=False,
+                             prefix_cache=True)
     reqs = locate_requests([FRANCE, {"prompt": "Michael Jordan plays", "subject": "Michael Jordan",
                                      "target_new": "soccer"}])
     templates = context_templates(model, tok, [(4, 5)], seed=0)
-    module = arch_of(model).mlp_out_module(1)
+    module = arch_of(model).mlp_out_module(1) if at == "mlp_out" else arch_of(model).block(1)
+    calls = []  # block 0 does not depend on δ: the fast path runs it for the prefix and the first step only
+    handle = model.get_submodule(arch_of(model).mlp_out_module(0)).register_forward_hook(lambda *a: calls.append(1))
     fast = optimize_values(model, tok, reqs, templates, module, hp, want_keys=True)
+    handle.remove()
+    assert len(calls) == 2
     full = optimize_values(model, tok, reqs, templates, module, dataclasses.replace(hp, prefix_cache=False),
                            want_keys=True)
     torch.testing.assert_close(fast.keys, full.keys, rtol=1e-4, atol=1e-5)
@@ -49,7 +56,8 @@ def test_finished_requests_leave_the_batch(tiny, family):
     """Per-request early stop with compaction: a batch gives each request the δ it gets alone."""
     model, tok = tiny(family)
     editor = ROME.for_contract_tests(model, tok)
-    hp = dataclasses.replace(editor.hparams, v_steps=8, v_stop_nll=0.0, kl_factor=0.0625, edit_aware=False, v_lr=0.5)
+    hp = dataclasses.replace(editor.hparams, v_steps=8, v_stop_nll=0.0, kl_factor=0.0625, edit_aware=False, v_lr=0.5,
+                             prefix_cache=True)
     reqs = locate_requests([FRANCE, {"prompt": "Michael Jordan plays", "subject": "Michael Jordan",
                                      "target_new": "soccer"}])
     templates = context_templates(model, tok, [(4, 5)], seed=0)

@@ -16,10 +16,13 @@ that every suffix starts at the same column; suffixes are right-aligned (masked 
 between) so that the vocabulary projection runs only on the last few columns, where the
 targets are. Model weights are frozen (no weight gradients), the templates are batched into
 one forward, and each request leaves the batch as soon as it reaches its target (early stop).
+The blocks below δ do not depend on it either: after the first step their output at the
+suffix tokens is replayed rather than recomputed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import inspect
@@ -398,14 +401,24 @@ def optimize_values(model: nn.Module, tokenizer, requests: Sequence[EditRequest]
             add[ar, batch.at[sel]] = delta[req[sel]].to(y.dtype)
             return y + add
 
+        # blocks up to ``below`` do not depend on δ: after the first step their output at the
+        # suffix tokens is replayed instead of recomputed (the prefix cache holds their keys/values)
+        below = _last_constant_block(model, module) if hp.prefix_cache else None
+
         def forward() -> Tensor:
             sel = cur["rows"]
             kwargs = {"logits_to_keep": keep} if "logits_to_keep" in params else {}
             if cur["cache"] is not None:
                 kwargs[cache_kw] = copy.deepcopy(cur["cache"])
             first = "keys" not in state
-            with trace(model, [module], inputs=(want_keys and first) or edit_right is not None,
-                       outputs=False, edit_output=add_delta) as rec:
+            replay = state.get("below")
+            with contextlib.ExitStack() as stack:
+                if replay is not None:
+                    stack.enter_context(_replay_blocks(model, below, replay[sel]))
+                elif below is not None and "init" not in state:
+                    stack.enter_context(_record_block(model, below, state))
+                rec = stack.enter_context(trace(model, [module], inputs=(want_keys and first) or edit_right is not None,
+                                                outputs=False, edit_output=add_delta))
                 holder["rec"] = rec
                 logits = model(input_ids=batch.suf_ids[sel], attention_mask=batch.mask[sel],
                                position_ids=batch.suf_pos[sel], use_cache=cur["cache"] is not None,
@@ -482,6 +495,55 @@ def optimize_values(model: nn.Module, tokenizer, requests: Sequence[EditRequest]
         bare = k[batch.is_bare]
     log.debug("value optimization: steps %s, final nll %s", steps, last_nll.tolist())
     return Values(delta.detach(), state["init"][batch.is_bare], keys, bare, steps, last_nll.tolist())
+
+
+def _last_constant_block(model: nn.Module, module: str) -> int | None:
+    """The highest block whose output does not depend on a δ added at ``module``: the block
+    ``module`` is (MEMIT), or the one below the block holding it (ROME). None: no such block."""
+    arch = arch_of(model)
+    for layer in range(arch.num_layers(model)):
+        name = arch.block(layer)
+        if module == name:
+            return layer
+        if module.startswith(name + "."):
+            return layer - 1 if layer > 0 else None
+    return None
+
+
+@contextmanager
+def _record_block(model: nn.Module, layer: int, state: dict) -> Iterator[None]:
+    """Keep the output of block ``layer`` in ``state["below"]`` (if it is a plain tensor)."""
+    def hook(_mod, _args, output):
+        if isinstance(output, Tensor):
+            state["below"] = output.detach()
+
+    handle = model.get_submodule(arch_of(model).block(layer)).register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+@contextmanager
+def _replay_blocks(model: nn.Module, layer: int, output: Tensor) -> Iterator[None]:
+    """Blocks 0..``layer`` are skipped: the lower ones pass their input through, block
+    ``layer`` returns ``output`` (its recorded output). Hooks on the blocks still run."""
+    arch = arch_of(model)
+    blocks = [model.get_submodule(arch.block(i)) for i in range(layer + 1)]
+
+    def passthrough(*args, **kwargs):
+        return args[0] if args else kwargs["hidden_states"]
+
+    def replay(*args, **kwargs):
+        return output
+
+    try:
+        for i, block in enumerate(blocks):
+            block.forward = replay if i == layer else passthrough
+        yield
+    finally:
+        for block in blocks:
+            block.__dict__.pop("forward", None)
 
 
 # --------------------------------------------------------------------------- linear algebra
