@@ -40,25 +40,15 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     import kedit
-    import kedit.editors.memit as memit_mod
     from kedit.data import load_requests
     from kedit.editors.alphaedit import null_space_projection
     from kedit.editors.locate import context_templates, subject_keys
     from kedit.eval import evaluate
+    from value_cache import shared_values
 
     model, tok = kedit.load_model("smollm2-135m")
     reqs = load_requests(CF)[: args.n]
 
-    cache: dict = {}
-    real = memit_mod.optimize_values
-
-    def cached(model_, tok_, rs, templates, module, hp, **kw):
-        key = (module, tuple((r.prompt, r.subject, r.target_new) for r in rs), hp.v_lr, hp.clamp_norm_factor)
-        if key not in cache:
-            cache[key] = real(model_, tok_, rs, templates, module, hp, **kw)
-        return cache[key]
-
-    memit_mod.optimize_values = cached
     common = dict(generation=False, fluency=False, progress=False)
     rows, pre = [], None
 
@@ -92,10 +82,11 @@ def main() -> None:
                            "key_sq_norm_mean": float((K * K).sum(-1).mean())})
             logging.info("%s", energy[-1])
 
-    run("memit")
-    for t in args.thresholds:
-        for l2 in args.l2:
-            run("alphaedit", nullspace_threshold=t, L2=l2)
+    with shared_values():
+        run("memit")
+        for t in args.thresholds:
+            for l2 in args.l2:
+                run("alphaedit", nullspace_threshold=t, L2=l2)
 
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "alphaedit_sweep.json").write_text(json.dumps({"args": vars(args), "energy": energy, "runs": rows,

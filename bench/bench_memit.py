@@ -1,11 +1,19 @@
 """MEMIT and AlphaEdit on SmolLM2-135M (CounterFact): batch edits and sequential editing.
 
-    OMP_NUM_THREADS=1 python bench/bench_memit.py --part batch --n 100
-    OMP_NUM_THREADS=1 python bench/bench_memit.py --part batch --n 500
+    OMP_NUM_THREADS=1 python bench/bench_memit.py --part batch --n 100 500
     OMP_NUM_THREADS=1 python bench/bench_memit.py --part sequential --n 500 --step 50
 
-Writes JSON + markdown to bench/results/memit_<part>_<n>.{json,md}. ``sequential`` runs MEMIT
-and AlphaEdit on the same records and gives the retention and perplexity curves of both.
+Writes JSON + markdown to bench/results/memit_<part>_<n>.{json,md}. ``batch`` edits the
+unedited model with one batch of the first n records, for each n; the runs share each
+request's value (bench/value_cache.py: a value does not depend on the rest of its batch).
+``sequential`` runs MEMIT and AlphaEdit on the same records and gives the retention and
+perplexity curves of both.
+
+With ``--values-dir``, batch runs keep the values on disk, and a second process on the other
+core can optimize the same run's values from the far end of MEMIT's order:
+
+    OMP_NUM_THREADS=1 python bench/bench_memit.py --part batch --n 100 500 --values-dir /tmp/v &
+    OMP_NUM_THREADS=1 python bench/bench_memit.py --part values --n 500 --values-dir /tmp/v
 """
 
 from __future__ import annotations
@@ -34,8 +42,8 @@ def write(name: str, payload: dict, md: str) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--part", choices=["batch", "sequential"], default="batch")
-    p.add_argument("--n", type=int, default=100, help="CounterFact records")
+    p.add_argument("--part", choices=["batch", "sequential", "values"], default="batch")
+    p.add_argument("--n", type=int, nargs="+", default=[100], help="CounterFact records (batch: one run per n)")
     p.add_argument("--step", type=int, default=50, help="requests per edit in sequential mode")
     p.add_argument("--editors", nargs="+", default=None, help="default: memit (batch), memit alphaedit (sequential)")
     p.add_argument("--threads", type=int, default=1)
@@ -44,6 +52,8 @@ def main() -> None:
     p.add_argument("--gen-prompts", type=int, default=1, help="generation prompts per record for fluency")
     p.add_argument("--fluency-tokens", type=int, default=32)
     p.add_argument("--hparams", default="{}", help="JSON of hyperparameter overrides for every editor")
+    p.add_argument("--values-dir", default=None, help="batch/values: share optimized values through this folder")
+    p.add_argument("--tag", default="", help="suffix of the result files (for runs with other --hparams)")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     torch.set_num_threads(args.threads)
@@ -51,11 +61,55 @@ def main() -> None:
     import kedit
     from kedit.data import load_requests
     from kedit.eval import evaluate
+    from value_cache import shared_values
 
     model, tok = kedit.load_model("smollm2-135m")
-    reqs = load_requests(CF)[: args.n]
+    if args.part == "sequential":
+        for n in args.n:
+            run(args, model, tok, load_requests(CF)[:n], evaluate)
+    elif args.part == "values":
+        with shared_values(args.values_dir):
+            prefill(args, model, tok, load_requests(CF)[:max(args.n)])
+    else:
+        with shared_values(args.values_dir) as cache:
+            for n in args.n:
+                run(args, model, tok, load_requests(CF)[:n], evaluate)
+                logging.info("values cached for %d requests", len(cache))
+
+
+def prefill(args, model, tok, reqs) -> None:
+    """Optimize the values of a ``--part batch`` run in MEMIT's order of batches, last batch
+    first, skipping batches that the batch run (or an earlier prefill) has done."""
+    import kedit
+    import kedit.editors.memit as memit_mod
+    from kedit.editors.locate import context_templates, locate_requests
+    from kedit.models.arch import arch_of
+    from value_cache import _Store, value_key
+
+    editor = kedit.editor("memit", corpus=str(DATA / "corpus"), stats_tokens=args.stats_tokens,
+                          **json.loads(args.hparams))
+    hp, reqs = editor.hparams, locate_requests(reqs)
+    templates = context_templates(model, tok, hp.templates, hp.template_seed)
+    module = arch_of(model).block(editor.layers(model)[-1])
+    order = sorted(range(len(reqs)), key=lambda i: memit_mod._suffix_length(tok, reqs[i]))
+    starts = list(range(0, len(reqs), hp.v_batch_size))[::-1]
+    for b in starts:
+        chunk = [reqs[i] for i in order[b:b + hp.v_batch_size]]
+        seen = _Store(args.values_dir)
+        seen.load()
+        if all(value_key(model, module, templates, hp, r) in seen.mem for r in chunk):
+            continue
+        memit_mod.optimize_values(model, tok, chunk, templates, module, hp)  # the caching wrapper
+        logging.info("values of batch at %d/%d optimized", b, len(reqs))
+
+
+def run(args, model, tok, reqs, evaluate) -> None:
+    import kedit
+
+    n = len(reqs)
     names = args.editors or (["memit"] if args.part == "batch" else ["memit", "alphaedit"])
-    payload, md = {"args": vars(args)}, []
+    tag = f"memit_{args.part}_{n}" + (f"_{'_'.join(names)}" if args.editors else "") + args.tag
+    payload, md = {"args": {**vars(args), "n": n}}, []
     pre = None
     for name in names:
         editor = kedit.editor(name, corpus=str(DATA / "corpus"), stats_tokens=args.stats_tokens,
@@ -67,26 +121,24 @@ def main() -> None:
                       fluency_new_tokens=args.fluency_tokens, reuse_pre=pre)
         if args.part == "batch":
             res = evaluate(model, tok, editor, reqs, mode="batch", **common)
-            title = f"{name}: one batch of {len(reqs)} CounterFact records, SmolLM2-135M"
+            title = f"{name}: one batch of {n} CounterFact records, SmolLM2-135M"
         else:
-            tag = f"memit_{args.part}_{args.n}" + (f"_{'_'.join(names)}" if args.editors else "")
-            partial = OUT / f"{tag}.{name}.partial.json"
+            partial, curve = OUT / f"{tag}.{name}.partial.json", []
 
-            def save_point(point: dict, _curve: list = [], _path: Path = partial) -> None:
-                _curve.append(point)  # a long run killed by a deadline keeps its curve so far
+            def save_point(point: dict) -> None:
+                curve.append(point)  # a long run killed by a deadline keeps its curve so far
                 OUT.mkdir(parents=True, exist_ok=True)
-                _path.write_text(json.dumps({"args": vars(args), "curve": _curve}, indent=1, default=str))
+                partial.write_text(json.dumps({"args": payload["args"], "curve": curve}, indent=1, default=str))
 
             res = evaluate(model, tok, editor, reqs, mode="sequential", batch_size=args.step, on_curve=save_point,
                            **common)
-            title = f"{name}: sequential, {len(reqs)} records in batches of {args.step}, SmolLM2-135M"
+            title = f"{name}: sequential, {n} records in batches of {args.step}, SmolLM2-135M"
         pre = res
         payload[name] = {"results": res.to_dict(), "stats_seconds": stats_s}
         md.append(res.to_markdown(title=title))
         md.append(f"statistics: {args.stats_tokens} tokens, layers {editor.layers(model)}, {stats_s:.1f} s "
                   f"(0 when cached); threads: {args.threads}\n")
-    write(f"memit_{args.part}_{args.n}" + (f"_{'_'.join(names)}" if args.editors else ""), payload, "\n".join(md))
-
+    write(tag, payload, "\n".join(md))
 
 if __name__ == "__main__":
     main()

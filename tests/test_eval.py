@@ -129,6 +129,13 @@ def test_batched_scoring_and_generation_match_unbatched(tiny):
         ids = tok(p, return_tensors="pt")["input_ids"]
         ref = torch.log_softmax(model(input_ids=ids).logits[0, -1], -1)
         assert torch.allclose(logp[i], ref, atol=1e-4)
+    # the same distributions read off the scoring pass, for a subset of pairs in any order,
+    # across batches of pairs sorted by length
+    both = score_targets(model, tok, prompts, targets, batch_size=2, next_of=[2, 0])
+    assert both.next_logp.shape == (2, logp.shape[-1])
+    assert torch.allclose(both.next_logp[0], logp[2], atol=1e-4)
+    assert torch.allclose(both.next_logp[1], logp[0], atol=1e-4)
+    assert torch.allclose(both.logp, batched.logp, atol=1e-4)
     # left-padded batched greedy decoding equals one prompt at a time
     together = generate(model, tok, prompts, [3, 5, 4], batch_size=3)
     alone = [generate(model, tok, [p], n, batch_size=1)[0] for p, n in zip(prompts, [3, 5, 4])]
@@ -325,6 +332,10 @@ def test_encoder_decoder_is_scored(tiny, ppl_text):
     out, refs = scorer.score(REQUESTS[:2])
     assert out[0]["neighborhood/kl"] == 0.0 and 0.0 <= out[0]["rewrite/acc"] <= 1.0
     assert math.isnan(scorer.perplexity()[0])  # perplexity is defined for decoder-only models
+    prompts, answers = ["The capital of France is", "Toko Yasuda plays"], ["Paris", "the guitar"]
+    folded = score_targets(model, tok, prompts, answers, next_of=[1, 0]).next_logp
+    alone = next_token_logprobs(model, tok, prompts)
+    assert torch.allclose(folded, alone[[1, 0]], atol=1e-5)
 
 
 def test_bad_mode_and_empty():

@@ -38,8 +38,7 @@ from kedit.data.request import EditRequest
 from kedit.editors.base import Edit, Editor, EditStack
 from kedit.eval import metrics as M
 from kedit.eval.results import METRICS, Results
-from kedit.eval.scoring import (answer_budget, corpus_nll, default_corpus, generate, load_texts, model_device,
-                                next_token_logprobs, score_targets)
+from kedit.eval.scoring import answer_budget, corpus_nll, default_corpus, generate, load_texts, model_device, score_targets
 
 log = logging.getLogger(__name__)
 
@@ -192,13 +191,15 @@ class _Scorer:
                                              "gen": add_gen(probe.prompt, probe.answer)})
             slots.append(s)
 
-        sc = score_targets(self.model, self.tok, [p for p, _ in pairs], [t for _, t in pairs], cfg.batch_size)
+        # the neighbourhood prompts' next-token distributions come from their "true" pairs' forward
+        next_of = [] if light else [item["true"] for s in slots for item in s["neighborhood"]]
+        sc = score_targets(self.model, self.tok, [p for p, _ in pairs], [t for _, t in pairs], cfg.batch_size,
+                           next_of=next_of)
         budgets = [answer_budget(self.tok, t, cfg.gen_extra_tokens) for _, t in gens]
         texts = generate(self.model, self.tok, [p for p, _ in gens], budgets, cfg.batch_size) if gens else []
         gen_ok = [float(M.generation_match(c, t)) for c, (_, t) in zip(texts, gens)]
 
-        neigh_prompts = [] if light else [probe.prompt for r in requests for probe in r.neighborhood]
-        next_logp = next_token_logprobs(self.model, self.tok, neigh_prompts, cfg.batch_size) if neigh_prompts else None
+        next_logp = sc.next_logp
 
         out, new_refs, offset = [], [], 0
         for r, s in zip(requests, slots):
@@ -268,8 +269,8 @@ class _Scorer:
         answers = [probe.answer for r in requests for probe in r.neighborhood]
         if not prompts:
             return [_Ref(torch.zeros(0), []) for _ in requests]
-        sc = score_targets(self.model, self.tok, prompts, answers, self.cfg.batch_size)
-        logp = next_token_logprobs(self.model, self.tok, prompts, self.cfg.batch_size)
+        sc = score_targets(self.model, self.tok, prompts, answers, self.cfg.batch_size, next_of=range(len(prompts)))
+        logp = sc.next_logp
         out, k = [], 0
         for r in requests:
             n = len(r.neighborhood)

@@ -49,29 +49,50 @@ class TargetScores:
     """(n,) number of target tokens."""
     top1: list[Tensor]
     """Per pair, the argmax token at each target position (for pre/post agreement)."""
+    next_logp: Tensor | None = None
+    """(m, vocab) next-token log-distribution after the prompts of the pairs named in
+    ``next_of`` (in that order), float32 on CPU; None when none were asked for."""
 
 
 @torch.no_grad()
 def score_targets(model: nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str],
-                  targets: Sequence[str], batch_size: int = 32) -> TargetScores:
-    """Summed log-prob, correct-token count, length and argmax tokens of each target."""
+                  targets: Sequence[str], batch_size: int = 32, next_of: Sequence[int] = ()) -> TargetScores:
+    """Summed log-prob, correct-token count, length and argmax tokens of each target.
+
+    ``next_of``: pairs whose prompt's next-token log-distribution to return as well (what
+    :func:`next_token_logprobs` gives), read off the same forward pass. Pairs of similar
+    length share a batch, so little compute goes to padding."""
     seq2seq = is_seq2seq(model)
     device = model_device(model)
-    logps, corrects, lengths, top1 = [], [], [], []
-    for idx in _chunks(len(prompts), batch_size):
+    n = len(prompts)
+    order = sorted(range(n), key=lambda i: len(prompts[i]) + len(targets[i]))
+    want = {i: k for k, i in enumerate(next_of)}
+    logps, corrects, lengths = torch.zeros(n), torch.zeros(n, dtype=torch.long), torch.zeros(n, dtype=torch.long)
+    top1: list[Tensor | None] = [None] * n
+    nxt: Tensor | None = None
+    for chunk in _chunks(n, batch_size):
+        idx = [order[j] for j in chunk]
         batch = encode(tokenizer, [prompts[i] for i in idx], [targets[i] for i in idx],
                        seq2seq=seq2seq, device=device)
         logits = model(**model_inputs(batch)).logits
         lg, tgt, mask = target_logits(logits, batch["labels"], seq2seq)
         logp = torch.log_softmax(lg.float(), -1).gather(-1, tgt.unsqueeze(-1)).squeeze(-1)
         arg = lg.argmax(-1)
-        logps.append((logp * mask).sum(-1).cpu())
-        corrects.append(((arg == tgt) & mask).sum(-1).cpu())
-        lengths.append(mask.sum(-1).cpu())
-        top1.extend(a[m].cpu() for a, m in zip(arg, mask))
-    empty = torch.zeros(0)
-    return TargetScores(torch.cat(logps) if logps else empty, torch.cat(corrects) if corrects else empty,
-                        torch.cat(lengths) if lengths else empty, top1)
+        at = torch.tensor(idx)
+        logps[at] = (logp * mask).sum(-1).float().cpu()
+        corrects[at] = ((arg == tgt) & mask).sum(-1).cpu()
+        lengths[at] = mask.sum(-1).cpu()
+        for i, a, m in zip(idx, arg, mask):
+            top1[i] = a[m].cpu()
+        rows = [b for b, i in enumerate(idx) if i in want]
+        if rows:
+            r = torch.tensor(rows, device=logits.device)
+            pos = torch.zeros_like(r) if seq2seq else batch["prompt_len"][r] - 1
+            dist = torch.log_softmax(logits[r, pos].float(), -1).cpu()
+            if nxt is None:
+                nxt = torch.empty(len(want), dist.shape[-1])
+            nxt[torch.tensor([want[idx[b]] for b in rows])] = dist
+    return TargetScores(logps, corrects, lengths, top1, nxt)  # type: ignore[arg-type]
 
 
 @torch.no_grad()
@@ -118,8 +139,9 @@ def generate(model: nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: Sequ
     budgets = [max_new_tokens] * len(prompts) if isinstance(max_new_tokens, int) else list(max_new_tokens)
     device = model_device(model)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    # sort by budget so a batch's largest budget is close to each member's
-    order = sorted(range(len(prompts)), key=lambda i: budgets[i])
+    # sort by budget so a batch's largest budget is close to each member's, then by length
+    # so that little of the batch is left padding
+    order = sorted(range(len(prompts)), key=lambda i: (budgets[i], len(prompts[i])))
     texts: list[str] = [""] * len(prompts)
     for idx in _chunks(len(order), batch_size):
         members = [order[i] for i in idx]
