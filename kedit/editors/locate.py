@@ -370,14 +370,14 @@ def optimize_values(model: nn.Module, tokenizer, requests: Sequence[EditRequest]
     batch = _SuffixBatch(tokenizer, requests, rows, device, use_prefix=hp.prefix_cache)
     n = len(requests)
     cache_kw = _cache_kwarg(model)
-    params = inspect.signature(model.forward).parameters
-    keep = batch.keep if "logits_to_keep" in params else batch.suf_ids.shape[1]
+    can_keep = "logits_to_keep" in inspect.signature(model.forward).parameters
+    keep = batch.keep if can_keep else batch.suf_ids.shape[1]
     labels = batch.suf_labels[:, -keep:]
     at_kept = batch.at - (batch.suf_ids.shape[1] - keep)
     with frozen(model):
         prefix_cache = None
         if batch.prefix_len > 0:
-            extra = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
+            extra = {"logits_to_keep": 1} if can_keep else {}
             with torch.no_grad():
                 out = model(input_ids=batch.pre_ids, attention_mask=batch.pre_mask, position_ids=batch.pre_pos,
                             use_cache=True, **extra)
@@ -407,7 +407,7 @@ def optimize_values(model: nn.Module, tokenizer, requests: Sequence[EditRequest]
 
         def forward() -> Tensor:
             sel = cur["rows"]
-            kwargs = {"logits_to_keep": keep} if "logits_to_keep" in params else {}
+            kwargs = {"logits_to_keep": keep} if can_keep else {}
             if cur["cache"] is not None:
                 kwargs[cache_kw] = copy.deepcopy(cur["cache"])
             first = "keys" not in state

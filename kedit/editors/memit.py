@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from kedit.data.encode import encode
 from kedit.editors.base import Editor, WeightDelta, base_identity, model_name
 from kedit.editors.locate import (LocateHparams, context_templates, depth_layer, locate_requests,
                                   optimize_values, ridge, subject_keys, subject_last_index)
@@ -199,10 +200,11 @@ class MEMIT(Editor):
 
 
 def _suffix_length(tokenizer, request) -> int:
-    """Tokens from the subject's last token to the end of prompt + target (the optimized part)."""
-    text = request.prompt + " " + request.target_new
+    """Tokens from the subject's last token to the end of prompt + target (the optimized part):
+    the sort key that puts requests of similar length in the same batch of values."""
+    ids = encode(tokenizer, [request.prompt], [request.target_new])["attention_mask"]
     end = request.prompt.rfind(request.subject) + len(request.subject)
-    return len(tokenizer(text)["input_ids"]) - subject_last_index(tokenizer, text, end)
+    return int(ids.sum()) - subject_last_index(tokenizer, request.prompt, end)
 
 
 def _progress(items, desc: str):
