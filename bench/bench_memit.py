@@ -60,51 +60,44 @@ def main() -> None:
 
     import kedit
     from kedit.data import load_requests
-    from kedit.eval import evaluate
     from value_cache import shared_values
 
     model, tok = kedit.load_model("smollm2-135m")
     if args.part == "sequential":
         for n in args.n:
-            run(args, model, tok, load_requests(CF)[:n], evaluate)
+            run(args, model, tok, load_requests(CF)[:n])
     elif args.part == "values":
         with shared_values(args.values_dir):
             prefill(args, model, tok, load_requests(CF)[:max(args.n)])
     else:
         with shared_values(args.values_dir) as cache:
             for n in args.n:
-                run(args, model, tok, load_requests(CF)[:n], evaluate)
+                run(args, model, tok, load_requests(CF)[:n])
                 logging.info("values cached for %d requests", len(cache))
 
 
 def prefill(args, model, tok, reqs) -> None:
-    """Optimize the values of a ``--part batch`` run in MEMIT's order of batches, last batch
-    first, skipping batches that the batch run (or an earlier prefill) has done."""
+    """Optimize the values of a ``--part batch`` run in MEMIT's batches, last batch first;
+    the caching wrapper skips those the batch run (or an earlier prefill) has done."""
     import kedit
     import kedit.editors.memit as memit_mod
     from kedit.editors.locate import context_templates, locate_requests
     from kedit.models.arch import arch_of
-    from value_cache import _Store, value_key
 
     editor = kedit.editor("memit", corpus=str(DATA / "corpus"), stats_tokens=args.stats_tokens,
                           **json.loads(args.hparams))
     hp, reqs = editor.hparams, locate_requests(reqs)
     templates = context_templates(model, tok, hp.templates, hp.template_seed)
     module = arch_of(model).block(editor.layers(model)[-1])
-    order = sorted(range(len(reqs)), key=lambda i: memit_mod._suffix_length(tok, reqs[i]))
-    starts = list(range(0, len(reqs), hp.v_batch_size))[::-1]
-    for b in starts:
-        chunk = [reqs[i] for i in order[b:b + hp.v_batch_size]]
-        seen = _Store(args.values_dir)
-        seen.load()
-        if all(value_key(model, module, templates, hp, r) in seen.mem for r in chunk):
-            continue
-        memit_mod.optimize_values(model, tok, chunk, templates, module, hp)  # the caching wrapper
-        logging.info("values of batch at %d/%d optimized", b, len(reqs))
+    batches = memit_mod.value_batches(tok, reqs, hp.v_batch_size)
+    for k, idx in reversed(list(enumerate(batches))):
+        memit_mod.optimize_values(model, tok, [reqs[i] for i in idx], templates, module, hp)
+        logging.info("values of batch %d/%d ready", k + 1, len(batches))
 
 
-def run(args, model, tok, reqs, evaluate) -> None:
+def run(args, model, tok, reqs) -> None:
     import kedit
+    from kedit.eval import evaluate
 
     n = len(reqs)
     names = args.editors or (["memit"] if args.part == "batch" else ["memit", "alphaedit"])
@@ -139,6 +132,7 @@ def run(args, model, tok, reqs, evaluate) -> None:
         md.append(f"statistics: {args.stats_tokens} tokens, layers {editor.layers(model)}, {stats_s:.1f} s "
                   f"(0 when cached); threads: {args.threads}\n")
     write(tag, payload, "\n".join(md))
+
 
 if __name__ == "__main__":
     main()

@@ -17,15 +17,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import os
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
 import torch
-
-log = logging.getLogger(__name__)
 
 
 class _Store:

@@ -136,6 +136,9 @@ def test_batched_scoring_and_generation_match_unbatched(tiny):
     assert torch.allclose(both.next_logp[0], logp[2], atol=1e-4)
     assert torch.allclose(both.next_logp[1], logp[0], atol=1e-4)
     assert torch.allclose(both.logp, batched.logp, atol=1e-4)
+    for bad in ([0, 0], [3]):  # a repeated or missing pair would leave rows unfilled
+        with pytest.raises(ValueError, match="next_of"):
+            score_targets(model, tok, prompts, targets, next_of=bad)
     # left-padded batched greedy decoding equals one prompt at a time
     together = generate(model, tok, prompts, [3, 5, 4], batch_size=3)
     alone = [generate(model, tok, [p], n, batch_size=1)[0] for p, n in zip(prompts, [3, 5, 4])]

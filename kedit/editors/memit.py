@@ -142,11 +142,10 @@ class MEMIT(Editor):
         # 1. target hidden states at the last edited layer (Eq. 16), in batches of requests
         # (requests of similar suffix length share a batch: less padding in every step)
         z_layer = layers[-1]
-        order = sorted(range(len(reqs)), key=lambda i: _suffix_length(tokenizer, reqs[i]))
+        batches = value_batches(tokenizer, reqs, hp.v_batch_size)
+        order = [i for idx in batches for i in idx]
         deltas, inits, steps, nlls = [], [], [0] * len(reqs), [0.0] * len(reqs)
-        chunks = range(0, len(reqs), hp.v_batch_size)
-        for b in _progress(chunks, f"{self.name}: values"):
-            idx = order[b:b + hp.v_batch_size]
+        for idx in _progress(batches, f"{self.name}: values"):
             vals = optimize_values(model, tokenizer, [reqs[i] for i in idx], templates, arch.block(z_layer), hp)
             deltas.append(vals.delta)
             inits.append(vals.init)
@@ -197,6 +196,13 @@ class MEMIT(Editor):
 
     def prepare(self, model: nn.Module, tokenizer, layers: list[int], covs: dict[int, Tensor]) -> None:
         """Per-call setup before the edit (AlphaEdit builds its projections here)."""
+
+
+def value_batches(tokenizer, requests, size: int) -> list[list[int]]:
+    """Indices of the requests whose values are optimized together, ``size`` at a time:
+    requests of similar suffix length share a batch (less padding in every step)."""
+    order = sorted(range(len(requests)), key=lambda i: _suffix_length(tokenizer, requests[i]))
+    return [order[b:b + size] for b in range(0, len(order), size)]
 
 
 def _suffix_length(tokenizer, request) -> int:

@@ -67,6 +67,8 @@ def score_targets(model: nn.Module, tokenizer: PreTrainedTokenizerBase, prompts:
     n = len(prompts)
     order = sorted(range(n), key=lambda i: len(prompts[i]) + len(targets[i]))
     want = {i: k for k, i in enumerate(next_of)}
+    if len(want) != len(next_of) or any(not 0 <= i < n for i in want):
+        raise ValueError(f"next_of must name distinct pairs in 0..{n - 1}, got {list(next_of)}")
     logps, corrects, lengths = torch.zeros(n), torch.zeros(n, dtype=torch.long), torch.zeros(n, dtype=torch.long)
     top1: list[Tensor | None] = [None] * n
     nxt: Tensor | None = None
