@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -108,6 +109,23 @@ def test_corpus_files_and_folder(tmp_path, tiny):
     model, tok = tiny("llama")
     got = second_moments(model, tok, [0], tmp_path, n_tokens=50, seq_len=16, cache=False, progress=False)
     assert torch.isfinite(got[0]).all()
+
+
+def test_corpus_id_follows_content(tmp_path):
+    import shutil
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a.jsonl").write_text("\n".join(json.dumps({"text": s}) for s in CORPUS))
+    copy = tmp_path / "copy" / "src"
+    shutil.copytree(src, copy)  # another place, another mtime: the same statistics
+    os.utime(copy / "a.jsonl", (0, 0))
+    assert corpus_id(copy) == corpus_id(src)
+    (copy / "a.jsonl").write_text("\n".join(json.dumps({"text": s}) for s in CORPUS[:-1]))
+    assert corpus_id(copy) != corpus_id(src)  # other texts: other statistics
+    (copy / "a.jsonl").rename(copy / "b.jsonl")
+    (copy / "b.jsonl").write_text((src / "a.jsonl").read_text())
+    assert corpus_id(copy) != corpus_id(src)  # file names are part of the identity
 
 
 def test_clear_errors(tmp_path, tiny):
