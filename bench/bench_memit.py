@@ -106,6 +106,8 @@ def run(args, model, tok, reqs) -> None:
     names = args.editors or (["memit"] if args.part == "batch" else ["memit", "alphaedit"])
     tag = f"memit_{args.part}_{n}" + (f"_{'_'.join(names)}" if args.editors else "") + args.tag
     payload, md = {"args": {**vars(args), "n": n}}, []
+    from reuse import reused_pre
+
     pre = reused_pre(args.reuse_pre, n)
     for name in names:
         editor = kedit.editor(name, corpus=str(DATA / "corpus"), stats_tokens=args.stats_tokens,
@@ -135,20 +137,6 @@ def run(args, model, tok, reqs) -> None:
         md.append(f"statistics: {args.stats_tokens} tokens, layers {editor.layers(model)}, {stats_s:.1f} s "
                   f"(0 when cached); threads: {args.threads}\n")
     write(tag, payload, "\n".join(md))
-
-
-def reused_pre(path: str | None, n: int):
-    """The Results of the first editor in a bench result JSON, if it covers ``n`` records."""
-    if path is None:
-        return None
-    from kedit.eval import Results
-
-    payload = json.loads(Path(path).read_text())
-    name = next(k for k in payload if k != "args")
-    res = Results.from_json(json.dumps(payload[name]["results"]))
-    if len(res.per_request) != n:
-        raise ValueError(f"{path}: {len(res.per_request)} records, not {n}; --reuse-pre needs the same records")
-    return res
 
 
 if __name__ == "__main__":

@@ -48,16 +48,19 @@ def part_single(args) -> None:
 
     model, tok, reqs = setup(args.threads)
     reqs = reqs[: args.n]
-    editor = ROME(corpus=str(DATA / "corpus"), stats_tokens=args.stats_tokens)
+    from reuse import reused_pre
+
+    editor = ROME(corpus=str(DATA / "corpus"), stats_tokens=args.stats_tokens, **json.loads(args.hparams))
     t0 = time.perf_counter()
     editor.cov_factor(model, tok, editor.layer(model))
     stats_s = time.perf_counter() - t0
     res = evaluate(model, tok, editor, reqs, mode="single", max_generation_prompts=args.gen_prompts,
-                   fluency_new_tokens=args.fluency_tokens)
-    md = res.to_markdown(title=f"ROME single edits, SmolLM2-135M, {len(reqs)} CounterFact records")
+                   fluency_new_tokens=args.fluency_tokens, reuse_pre=reused_pre(args.reuse_pre, len(reqs)))
+    title = f"ROME single edits, SmolLM2-135M, {len(reqs)} CounterFact records"
+    md = res.to_markdown(title=title + (f", {args.hparams}" if args.hparams != "{}" else ""))
     md += (f"\nstatistics: {args.stats_tokens} tokens, {stats_s:.1f} s (0 when read from the cache); "
            f"threads: {args.threads}\n")
-    write("rome_single", {"results": res.to_dict(), "stats_seconds": stats_s, "args": vars(args)}, md)
+    write("rome_single" + args.tag, {"results": res.to_dict(), "stats_seconds": stats_s, "args": vars(args)}, md)
 
 
 def _quick_scores(model, tok, editor, reqs) -> dict:
@@ -150,6 +153,11 @@ def main() -> None:
     p.add_argument("--tokens", type=int, nargs="+", default=[5_000, 20_000, 100_000])
     p.add_argument("--gen-prompts", type=int, default=2, help="generation prompts per record for fluency")
     p.add_argument("--fluency-tokens", type=int, default=32)
+    p.add_argument("--hparams", default="{}", help="single: JSON of ROME hyperparameter overrides")
+    p.add_argument("--tag", default="", help="single: suffix of the result files (for runs with other --hparams)")
+    p.add_argument("--reuse-pre", default=None,
+                   help="single: an earlier rome_single JSON on the same records (its first --n are used): "
+                        "take its pre-edit scores instead of measuring them again")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     {"single": part_single, "speed": part_speed, "stats": part_stats}[args.part](args)

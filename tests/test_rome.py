@@ -107,6 +107,62 @@ def test_rank_one_update_maps_key_to_value(tiny, family):
     assert (dW @ k).norm() > 0
 
 
+def test_fit_keys_solves_every_key_with_least_c_norm():
+    """``fit_keys``: r·k_t = 1 for every key, and no other solution has a smaller rᵀCr; for one
+    key it is ROME's C⁻¹k / (kᵀC⁻¹k)."""
+    from kedit.editors.rome import fit_keys
+
+    g = torch.Generator().manual_seed(0)
+    d, T = 12, 4
+    A = torch.randn(d, d, generator=g, dtype=torch.float64)
+    C = A @ A.T + 0.1 * torch.eye(d, dtype=torch.float64)
+    chol = torch.linalg.cholesky(C)
+    K = torch.randn(T, d, generator=g, dtype=torch.float64)
+    r = fit_keys(K, chol)
+    torch.testing.assert_close(K @ r, torch.ones(T, dtype=torch.float64))
+    # any other solution adds a direction orthogonal to every key, and costs more C-norm
+    null = torch.linalg.svd(K).Vh[T:]  # (d - T, d): K @ null.T == 0
+    other = r + null.T @ torch.randn(d - T, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(K @ other, torch.ones(T, dtype=torch.float64))
+    assert r @ C @ r < other @ C @ other
+    k = K[:1]
+    u = torch.cholesky_solve(k.T, chol)[:, 0]
+    torch.testing.assert_close(fit_keys(k, chol), u / (k[0] @ u))
+    # a ridge pulls the fit towards smaller updates
+    ridged = fit_keys(K, chol, rel_ridge=1.0)
+    assert ridged @ C @ ridged < r @ C @ r
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_fit_templates_gives_delta_on_every_template(tiny, family):
+    """``fit_templates``: the applied update adds exactly δ at the subject's last token of every
+    template (the mean-key update adds δ only in the mean)."""
+    model, tok = tiny(family)
+    editor = ROME.for_contract_tests(model, tok)
+    editor.hparams = dataclasses.replace(editor.hparams, edit_aware=False, templates=[(4, 5)], kl_factor=0.0,
+                                         fit_templates=True, fit_ridge=0.0)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    edit = editor.edit(model, tok, FRANCE)
+    assert_state_equal(model, state)
+    arch = arch_of(model)
+    name, module = arch.mlp_out_weight(0), arch.mlp_out_module(0)
+    dW = arch.as_out_in(edit.delta(name))  # (d_out, d_in)
+    templates = context_templates(model, tok, [(4, 5)], seed=0)
+    assert len(templates) > 2
+    keys = []
+    for template in templates:
+        text = template.replace("{}", FRANCE["prompt"])
+        idx = subject_last_index(tok, text, text.index(FRANCE["prompt"]) + len("The capital of France"))
+        with torch.no_grad(), trace(model, [module], inputs=True) as rec:
+            model(**{k: v for k, v in tok(text, return_tensors="pt").items() if k != "token_type_ids"})
+        keys.append(rec[module].input[0, idx])
+    gains = [dW @ k for k in keys]
+    assert gains[0].norm() > 0
+    for g in gains[1:]:  # the same δ on every template, the bare prompt (templates[0]) included
+        torch.testing.assert_close(g, gains[0], rtol=1e-3, atol=1e-4)
+    torch.testing.assert_close(dW @ torch.stack(keys).mean(0), gains[0], rtol=1e-3, atol=1e-4)
+
+
 def test_layer_choice(tiny):
     model, _ = tiny("llama")
     assert ROME.default_layer(30) == 5 and ROME.default_layer(28) == 5 and ROME.default_layer(48) == 9

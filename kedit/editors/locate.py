@@ -295,6 +295,8 @@ class Values:
     """(n, d_in): template-averaged input of ``mlp_out`` at the patch layer (ROME), else None."""
     bare_keys: Tensor | None
     """(n, d_in): that input on the bare prompt (plain ROME's key), else None."""
+    template_keys: list[Tensor] | None
+    """Per request, (templates, d_in): that input on each template (before averaging), else None."""
     steps: list[int]
     nll: list[float]
 
@@ -487,14 +489,15 @@ def optimize_values(model: nn.Module, tokenizer, requests: Sequence[EditRequest]
                 delta.mul_(scale[:, None])
             if bool(newly.any()):
                 compact(done)
-    keys = bare = None
+    keys = bare = per_template = None
     if want_keys:
         k = state["keys"]
         rw = batch.is_rewrite
         keys = torch.zeros(n, k.shape[-1], device=device).index_add_(0, req[rw], k[rw]) / n_rw[:, None]
         bare = k[batch.is_bare]
+        per_template = [k[rw & (req == i)] for i in range(n)]
     log.debug("value optimization: steps %s, final nll %s", steps, last_nll.tolist())
-    return Values(delta.detach(), state["init"][batch.is_bare], keys, bare, steps, last_nll.tolist())
+    return Values(delta.detach(), state["init"][batch.is_bare], keys, bare, per_template, steps, last_nll.tolist())
 
 
 def _last_constant_block(model: nn.Module, module: str) -> int | None:

@@ -47,6 +47,12 @@ class ROMEHparams(LocateHparams):
     (MEMIT's 5 of 10 tokens is ~2x faster but generalizes to other subjects more on SmolLM2)."""
     same_key: bool = True
     """r-ROME: use the template-averaged key k* both to compute and to apply the update."""
+    fit_templates: bool = False
+    """Make the update give δ on every template's key (ΔW k_t = δ for all t, least C-norm, still rank one)
+    instead of on their mean k* only: the bare prompt's key is atypical, so the mean-key update
+    delivers only part of δ there."""
+    fit_ridge: float = 1e-3
+    """Ridge on the templates' Gram matrix (relative to its mean diagonal) for ``fit_templates``."""
 
 
 class ROME(Editor):
@@ -130,8 +136,11 @@ class ROME(Editor):
                     vals = optimize_values(model, tokenizer, [r], templates, module, hp, want_keys=True)
                     k_star = vals.keys[0].double()  # (d_in,) Eq. 3
                     u = torch.cholesky_solve(k_star[:, None], chol)[:, 0]  # C⁻¹ k*
-                    k_apply = k_star if hp.same_key else vals.bare_keys[0].double()
-                    right = u / (k_apply @ u)  # ΔW k_apply = δ (Eq. 2)
+                    if hp.fit_templates:
+                        right = fit_keys(vals.template_keys[0].double(), chol, hp.fit_ridge)
+                    else:
+                        k_apply = k_star if hp.same_key else vals.bare_keys[0].double()
+                        right = u / (k_apply @ u)  # ΔW k_apply = δ (Eq. 2)
                 lefts.append(vals.delta[0].float())
                 rights.append(right.float())
                 steps += vals.steps
@@ -144,6 +153,17 @@ class ROME(Editor):
         info = {"method": "rome", "layer": layer, "n_requests": len(reqs), "v_steps": steps,
                 "final_nll": [round(x, 4) for x in nlls], "same_key": hp.same_key}
         return WeightDelta(factors={weight: arch.low_rank_factors(left, right)}, base=base, info=info)
+
+
+def fit_keys(keys: Tensor, chol: Tensor, rel_ridge: float = 0.0) -> Tensor:
+    """The right vector ``r`` of least ``rᵀCr`` with ``r·k_t = 1`` for every key (rows of
+    ``keys``), i.e. ``C⁻¹K (KᵀC⁻¹K)⁻¹ 1`` (with a relative ridge on the Gram matrix); for a
+    single key it is ROME's ``C⁻¹k / (kᵀC⁻¹k)``. ``chol``: Cholesky factor of ``C``."""
+    A = torch.cholesky_solve(keys.T, chol)  # C⁻¹K: (d, T)
+    G = keys @ A  # KᵀC⁻¹K: (T, T)
+    if rel_ridge > 0:
+        G = G + rel_ridge * G.diagonal().mean() * torch.eye(len(G), dtype=G.dtype, device=G.device)
+    return A @ torch.linalg.solve(G, torch.ones(len(G), dtype=G.dtype, device=G.device))
 
 
 def _progress(items: list) -> Any:
