@@ -48,9 +48,7 @@ def main() -> None:
     rows = []
     for r in reqs:
         ks = torch.stack([subject_keys(model, tok, [r], [t], [layer])[0][layer][0] for t in templates]).double()
-        k_star = ks.mean(0)
-        u = torch.cholesky_solve(k_star[:, None], chol)[:, 0]
-        right = u / (k_star @ u)
+        right = fit_keys(ks.mean(0, keepdim=True), chol)  # r-ROME's C⁻¹k* / (k*ᵀC⁻¹k*)
         ratio = ks @ right
         fit = fit_keys(ks, chol, editor.hparams.fit_ridge)
         rows.append({"case_id": r.case_id, "gen": gen.get(r.case_id), "bare": float(ratio[0]),

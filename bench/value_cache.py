@@ -97,7 +97,7 @@ def shared_values(folder: str | Path | None = None) -> Iterator[dict]:
             store.save()
         rows = [store.mem[k] for k in keys]
         return Values(delta=torch.stack([r[0] for r in rows]), init=torch.stack([r[1] for r in rows]),
-                      keys=None, bare_keys=None, steps=[r[2] for r in rows], nll=[r[3] for r in rows])
+                      template_keys=None, steps=[r[2] for r in rows], nll=[r[3] for r in rows])
 
     memit_mod.optimize_values = cached
     try:

@@ -291,14 +291,21 @@ class Values:
     """(n, d): the optimized δ."""
     init: Tensor
     """(n, d): the original value at the subject's last token of the bare prompt."""
-    keys: Tensor | None
-    """(n, d_in): template-averaged input of ``mlp_out`` at the patch layer (ROME), else None."""
-    bare_keys: Tensor | None
-    """(n, d_in): that input on the bare prompt (plain ROME's key), else None."""
     template_keys: list[Tensor] | None
-    """Per request, (templates, d_in): that input on each template (before averaging), else None."""
+    """Per request, (templates, d_in): the input of ``mlp_out`` at the patch layer (ROME) at the
+    subject's last token of each template, ``templates[0]`` (the bare prompt) first; else None."""
     steps: list[int]
     nll: list[float]
+
+    @property
+    def keys(self) -> Tensor | None:
+        """(n, d_in): the template-averaged keys k* (ROME Eq. 3)."""
+        return None if self.template_keys is None else torch.stack([k.mean(0) for k in self.template_keys])
+
+    @property
+    def bare_keys(self) -> Tensor | None:
+        """(n, d_in): the bare prompt's keys (plain ROME's key)."""
+        return None if self.template_keys is None else torch.stack([k[0] for k in self.template_keys])
 
 
 class _SuffixBatch:
@@ -489,15 +496,11 @@ def optimize_values(model: nn.Module, tokenizer, requests: Sequence[EditRequest]
                 delta.mul_(scale[:, None])
             if bool(newly.any()):
                 compact(done)
-    keys = bare = per_template = None
-    if want_keys:
-        k = state["keys"]
-        rw = batch.is_rewrite
-        keys = torch.zeros(n, k.shape[-1], device=device).index_add_(0, req[rw], k[rw]) / n_rw[:, None]
-        bare = k[batch.is_bare]
-        per_template = [k[rw & (req == i)] for i in range(n)]
+    per_template = None
+    if want_keys:  # rows hold each request's templates in order, the bare prompt first
+        per_template = [state["keys"][batch.is_rewrite & (req == i)] for i in range(n)]
     log.debug("value optimization: steps %s, final nll %s", steps, last_nll.tolist())
-    return Values(delta.detach(), state["init"][batch.is_bare], keys, bare, per_template, steps, last_nll.tolist())
+    return Values(delta.detach(), state["init"][batch.is_bare], per_template, steps, last_nll.tolist())
 
 
 def _last_constant_block(model: nn.Module, module: str) -> int | None:

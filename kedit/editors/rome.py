@@ -134,11 +134,11 @@ class ROME(Editor):
                                            edit_right=right.float()[None])
                 else:
                     vals = optimize_values(model, tokenizer, [r], templates, module, hp, want_keys=True)
-                    k_star = vals.keys[0].double()  # (d_in,) Eq. 3
-                    u = torch.cholesky_solve(k_star[:, None], chol)[:, 0]  # C⁻¹ k*
                     if hp.fit_templates:
                         right = fit_keys(vals.template_keys[0].double(), chol, hp.fit_ridge)
                     else:
+                        k_star = vals.keys[0].double()  # (d_in,) Eq. 3
+                        u = torch.cholesky_solve(k_star[:, None], chol)[:, 0]  # C⁻¹ k*
                         k_apply = k_star if hp.same_key else vals.bare_keys[0].double()
                         right = u / (k_apply @ u)  # ΔW k_apply = δ (Eq. 2)
                 lefts.append(vals.delta[0].float())
