@@ -75,6 +75,35 @@ def test_finished_requests_leave_the_batch(tiny, family):
     torch.testing.assert_close(torch.tensor(both.nll), torch.tensor([a.nll[0] for a in alone]), rtol=1e-3, atol=1e-5)
 
 
+def test_argmax_stop(tiny, monkeypatch):
+    """ENCORE's most-probable early stopping: the optimization stops at the first step where the
+    target is the argmax at every target token of every template, with the δ of that many steps."""
+    import kedit.editors.locate as locate
+
+    model, tok = tiny("llama")
+    hp = dataclasses.replace(ROME.for_contract_tests(model, tok).hparams, v_steps=30, v_stop_nll=0.0,
+                             v_stop_argmax=True, edit_aware=False, prefix_cache=True, kl_factor=0.0625)
+    # the subject ends the prompt: δ acts on the predicting position, so a tiny random model can reach the argmax
+    reqs = locate_requests([{"prompt": "The capital of France", "subject": "France", "target_new": "Rome"}])
+    templates = context_templates(model, tok, [(4, 3)], seed=0)
+    module = arch_of(model).mlp_out_module(0)
+    seen = []
+    real = locate.target_logprobs
+
+    def spy(logits, labels):
+        out = real(logits, labels)
+        seen.append(bool((out[1] == out[2]).all()))
+        return out
+
+    monkeypatch.setattr(locate, "target_logprobs", spy)
+    vals = optimize_values(model, tok, reqs, templates, module, hp)
+    assert 0 < vals.steps[0] < hp.v_steps
+    assert len(seen) == vals.steps[0] + 1 and seen[-1] and not any(seen[:-1])
+    fixed = optimize_values(model, tok, reqs, templates, module,
+                            dataclasses.replace(hp, v_stop_argmax=False, v_steps=vals.steps[0]))
+    torch.testing.assert_close(vals.delta, fixed.delta)
+
+
 @pytest.mark.parametrize("family", ["gpt2", "llama", "gpt_neox"])
 def test_rank_one_update_maps_key_to_value(tiny, family):
     """ΔW k* = δ (r-ROME: the same key computes and applies the update), in storage orientation."""
