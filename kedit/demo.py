@@ -66,11 +66,29 @@ def demo_request(target_new: str = EDIT_TARGET_NEW) -> dict:
             "target_true": EDIT_TARGET_TRUE, "paraphrase_prompts": PARAPHRASES}
 
 
-def make_edit(model, tokenizer, editor_name: str, request: dict):
-    """Compute the edit with a registered editor (default hyperparameters)."""
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def editor_config(editor_name: str, model, model_name: str, config: str | None = "auto") -> Path | None:
+    """The hyperparameter YAML for the demo: ``config`` itself, or with ``"auto"`` the
+    checkout's ``configs/<editor>/<model name>.yaml`` or ``configs/<editor>/<model_type>.yaml``
+    if there is one (None: the dataclass defaults, i.e. the papers' values)."""
+    if config in (None, "none"):
+        return None
+    if config != "auto":
+        return Path(config)
+    folder = CONFIGS / editor_name
+    for stem in (Path(model_name).name, getattr(model.config, "model_type", "")):
+        if stem and (folder / f"{stem}.yaml").is_file():
+            return folder / f"{stem}.yaml"
+    return None
+
+
+def make_edit(model, tokenizer, editor_name: str, request: dict, config: Path | None = None):
+    """Compute the edit with a registered editor (``config``: its hyperparameter YAML, or defaults)."""
     import kedit
 
-    return kedit.editor(editor_name).edit(model, tokenizer, [request])
+    return kedit.editor(editor_name, config=config).edit(model, tokenizer, [request])
 
 
 def compare(model, tokenizer, rows: list[Row], edit, max_new_tokens: int) -> None:
@@ -100,6 +118,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="offline model name, local HF folder, .gguf file or hub id (default: %(default)s)")
     p.add_argument("--editor", default="rome",
                    help="registered editor to apply (rome, memit, alphaedit, ft-l, ft-m, lora, ...), or 'none'")
+    p.add_argument("--config", default="auto",
+                   help="hyperparameter YAML of the editor; 'auto' (default): configs/<editor>/<model or "
+                        "model_type>.yaml when the checkout has one; 'none': the dataclass defaults (papers' values)")
     p.add_argument("--target-new", default=EDIT_TARGET_NEW, help="new answer for the edited fact")
     p.add_argument("--max-new-tokens", type=int, default=6)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
@@ -135,10 +156,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     edited = False
     if args.editor.lower() != "none":
         request = demo_request(args.target_new)
-        print(f"edit: {args.editor}: {EDIT_PROMPT!r} {EDIT_TARGET_TRUE} -> {args.target_new}")
+        config = editor_config(args.editor, model, args.model, args.config)
+        print(f"edit: {args.editor} ({config.relative_to(CONFIGS.parent) if config and config.is_relative_to(CONFIGS.parent) else config or 'default hyperparameters'}): "
+              f"{EDIT_PROMPT!r} {EDIT_TARGET_TRUE} -> {args.target_new}")
         t0 = time.perf_counter()
         try:
-            edit = make_edit(model, tok, args.editor, request)
+            edit = make_edit(model, tok, args.editor, request, config)
         except (ImportError, AttributeError, NotImplementedError) as err:
             # an editor registered but not (yet) available in this install
             print(f"editor {args.editor!r} is not available ({err}); showing the unedited model only")
@@ -149,7 +172,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print()
     print(format_table(rows))
     if edited and args.eval_records > 0:
-        table = evaluation_table(model, tok, args.editor, args.data, args.eval_records)
+        table = evaluation_table(model, tok, args.editor, args.data, args.eval_records, config)
         if table:
             print()
             print(table)
@@ -163,7 +186,8 @@ def default_data() -> Path:
     return root / "counterfact" / "counterfact_dev_rome.json"
 
 
-def evaluation_table(model, tokenizer, editor_name: str, data: str | None, n: int) -> str | None:
+def evaluation_table(model, tokenizer, editor_name: str, data: str | None, n: int,
+                     config: Path | None = None) -> str | None:
     """Single-mode evaluation of ``editor_name`` on the first ``n`` records (markdown)."""
     import kedit
     from kedit.data import load_requests
@@ -175,9 +199,9 @@ def evaluation_table(model, tokenizer, editor_name: str, data: str | None, n: in
         return None
     requests = load_requests(path, limit=n, on_error="skip")
     print(f"\nevaluating {editor_name} on the first {len(requests)} records of {path} (single mode) ...")
-    config = EvalConfig(fluency=False, max_generation_prompts=1, ppl_docs=2, ppl_tokens=128)
-    results = evaluate(model, tokenizer, kedit.editor(editor_name), requests, mode="single",
-                       config=config, progress=True)
+    eval_config = EvalConfig(fluency=False, max_generation_prompts=1, ppl_docs=2, ppl_tokens=128)
+    results = evaluate(model, tokenizer, kedit.editor(editor_name, config=config), requests, mode="single",
+                       config=eval_config, progress=True)
     return results.to_markdown()
 
 

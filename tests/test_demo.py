@@ -41,8 +41,9 @@ def test_demo_edit_applied_then_restored(tiny_folder, capsys, monkeypatch):
         def restore(self, model):
             self.handle.remove()
 
-    def fake_edit(model, tokenizer, editor_name, request):
+    def fake_edit(model, tokenizer, editor_name, request, config=None):
         assert editor_name == "rome" and request["target_new"] == "Rome"
+        assert config == demo.CONFIGS / "rome" / f"{model.config.model_type}.yaml"  # the family's config
         (rome,) = tokenizer(" Rome", add_special_tokens=False)["input_ids"]
         return AlwaysRome(rome)
 
@@ -86,3 +87,13 @@ def test_demo_evaluation_table(data_dir):
 def test_demo_evaluation_table_without_data(tmp_path):
     model, tok = tiny_model("llama")
     assert demo.evaluation_table(model, tok, "ft-m", str(tmp_path / "missing.json"), 2) is None
+
+
+def test_editor_config(tiny):
+    """``auto`` takes the checkout's config of the model (by name, then family), else defaults."""
+    model, _ = tiny("llama")
+    assert demo.editor_config("rome", model, "some/folder") == demo.CONFIGS / "rome" / "llama.yaml"
+    assert demo.editor_config("ft-m", model, "smollm2-135m") == demo.CONFIGS / "ft-m" / "smollm2-135m.yaml"
+    assert demo.editor_config("rome", model, "x", "none") is None
+    assert demo.editor_config("rome", model, "x", "my.yaml") == demo.Path("my.yaml")
+    assert demo.editor_config("mend", model, "x") is None  # MEND's configs are training configs of other names
