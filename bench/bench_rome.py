@@ -2,6 +2,8 @@
 
     OMP_NUM_THREADS=1 python bench/bench_rome.py --part single --n 100
     OMP_NUM_THREADS=1 python bench/bench_rome.py --part speed --n 5
+    OMP_NUM_THREADS=2 python bench/bench_rome.py --part configs --n 20 --threads 2 \
+        --hparams '{"paper": {}, "llama.yaml": "llama.yaml"}'
     OMP_NUM_THREADS=1 python bench/bench_rome.py --part stats --n 20 --tokens 5000 20000 100000
 
 Writes JSON + markdown to bench/results/rome_<part>.{json,md}. Timings depend on the load
@@ -15,6 +17,7 @@ import argparse
 import json
 import logging
 import os
+import statistics
 import time
 from pathlib import Path
 
@@ -122,6 +125,51 @@ def part_speed(args) -> None:
     write("rome_speed", {"rows": rows, "mean": mean, "args": vars(args)}, "\n".join(md) + "\n")
 
 
+EASYEDIT_S = 24.2  # EasyEdit's ROME on this machine (2 threads, SmolLM2-135M layer 5), from the issue
+
+
+def part_configs(args) -> None:
+    """Seconds per edit of ROME configurations on the same records, run record by record in
+    turn (so that a change of load hits them alike), against EasyEdit's 24.2 s.
+
+    ``--hparams`` holds a JSON object ``{name: overrides}``; ``"llama.yaml"`` as overrides
+    means the shipped ``configs/rome/llama.yaml``. Templates and statistics are computed
+    before the timing (both are cached across edits in normal use)."""
+    from kedit.config import load_hparams
+    from kedit.editors.locate import context_templates
+    from kedit.editors.rome import ROME, ROMEHparams
+
+    model, tok, reqs = setup(args.threads)
+    reqs = reqs[: args.n]
+    common = dict(corpus=str(DATA / "corpus"), stats_tokens=args.stats_tokens)
+    editors = {}
+    for name, over in json.loads(args.hparams).items():
+        if over == "llama.yaml":
+            hp = load_hparams(ROMEHparams, HERE.parent / "configs" / "rome" / "llama.yaml")
+            over = {k: v for k, v in vars(hp).items() if k not in common and k != "corpus"}
+        editors[name] = ed = ROME(**common, **over)
+        ed.cov_factor(model, tok, ed.layer(model))
+        context_templates(model, tok, ed.hparams.templates, ed.hparams.template_seed)
+    times = {name: [] for name in editors}
+    steps = {name: [] for name in editors}
+    for r in reqs:
+        for name, ed in editors.items():
+            t0 = time.perf_counter()
+            e = ed.edit(model, tok, r)
+            times[name].append(time.perf_counter() - t0)
+            steps[name].append(e.info["v_steps"][0])
+        logging.info("%s: %s", r.case_id, {k: round(v[-1], 2) for k, v in times.items()})
+    md = [f"### ROME seconds per edit, SmolLM2-135M, {len(reqs)} CounterFact records, {args.threads} thread(s)", "",
+          "| configuration | mean s | median s | max s | mean steps | speed-up over EasyEdit's 24.2 s |",
+          "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    for name in editors:
+        t = times[name]
+        md.append(f"| {name} | {statistics.mean(t):.2f} | {statistics.median(t):.2f} | {max(t):.2f} | "
+                  f"{statistics.mean(steps[name]):.1f} | {EASYEDIT_S / statistics.mean(t):.1f}x |")
+    md += ["", "Overrides: " + args.hparams, ""]
+    write("rome_speed_configs" + args.tag, {"times": times, "steps": steps, "args": vars(args)}, "\n".join(md))
+
+
 def part_stats(args) -> None:
     from kedit.editors.rome import ROME
     from kedit.stats import second_moments
@@ -146,21 +194,22 @@ def part_stats(args) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--part", choices=["single", "speed", "stats"], default="single")
+    p.add_argument("--part", choices=["single", "speed", "configs", "stats"], default="single")
     p.add_argument("--n", type=int, default=100, help="CounterFact records")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--stats-tokens", type=int, default=20_000)
     p.add_argument("--tokens", type=int, nargs="+", default=[5_000, 20_000, 100_000])
     p.add_argument("--gen-prompts", type=int, default=2, help="generation prompts per record for fluency")
     p.add_argument("--fluency-tokens", type=int, default=32)
-    p.add_argument("--hparams", default="{}", help="single: JSON of ROME hyperparameter overrides")
+    p.add_argument("--hparams", default="{}", help="single: JSON of ROME hyperparameter overrides; "
+                                                   "configs: JSON {name: overrides or \"llama.yaml\"}")
     p.add_argument("--tag", default="", help="single: suffix of the result files (for runs with other --hparams)")
     p.add_argument("--reuse-pre", default=None,
                    help="single: an earlier rome_single JSON on the same records (its first --n are used): "
                         "take its pre-edit scores instead of measuring them again")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    {"single": part_single, "speed": part_speed, "stats": part_stats}[args.part](args)
+    {"single": part_single, "speed": part_speed, "configs": part_configs, "stats": part_stats}[args.part](args)
 
 
 if __name__ == "__main__":
