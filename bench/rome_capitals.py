@@ -55,6 +55,7 @@ def main() -> None:
     p.add_argument("--hparams", required=True, help='JSON {name: ROME overrides or "llama.yaml"}')
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--stats-tokens", type=int, default=20_000)
+    p.add_argument("--tag", default="", help="suffix of the result files")
     args = p.parse_args()
 
     from kedit.config import load_hparams
@@ -109,7 +110,7 @@ def main() -> None:
         spills = [f"{r['country']}→{r['new']} onto {', '.join(r['spill'])}" for r in rows if r["spill"]]
         md.append(f"- {name}: spill {'; '.join(spills) or 'none'}")
     md += ["", f"Overrides: {args.hparams}. Seconds on {args.threads} thread(s), machine load not controlled.", ""]
-    write("rome_capitals", {"results": results, "args": vars(args)}, "\n".join(md))
+    write("rome_capitals" + args.tag, {"results": results, "args": vars(args)}, "\n".join(md))
 
 
 if __name__ == "__main__":
