@@ -128,6 +128,18 @@ def part_speed(args) -> None:
 EASYEDIT_S = 24.2  # EasyEdit's ROME on this machine (2 threads, SmolLM2-135M layer 5), from the issue
 
 
+def overrides(over: dict | str, common: dict) -> dict:
+    """ROME overrides from ``--hparams``: a dict, or ``"llama.yaml"`` for the shipped
+    ``configs/rome/llama.yaml`` (less the keys of ``common`` and its ``corpus``)."""
+    if over == "llama.yaml":
+        from kedit.config import load_hparams
+        from kedit.editors.rome import ROMEHparams
+
+        hp = load_hparams(ROMEHparams, HERE.parent / "configs" / "rome" / "llama.yaml")
+        return {k: v for k, v in vars(hp).items() if k not in common and k != "corpus"}
+    return over
+
+
 def part_configs(args) -> None:
     """Seconds per edit of ROME configurations on the same records, run record by record in
     turn (so that a change of load hits them alike), against EasyEdit's 24.2 s.
@@ -135,19 +147,15 @@ def part_configs(args) -> None:
     ``--hparams`` holds a JSON object ``{name: overrides}``; ``"llama.yaml"`` as overrides
     means the shipped ``configs/rome/llama.yaml``. Templates and statistics are computed
     before the timing (both are cached across edits in normal use)."""
-    from kedit.config import load_hparams
     from kedit.editors.locate import context_templates
-    from kedit.editors.rome import ROME, ROMEHparams
+    from kedit.editors.rome import ROME
 
     model, tok, reqs = setup(args.threads)
     reqs = reqs[: args.n]
     common = dict(corpus=str(DATA / "corpus"), stats_tokens=args.stats_tokens)
     editors = {}
     for name, over in json.loads(args.hparams).items():
-        if over == "llama.yaml":
-            hp = load_hparams(ROMEHparams, HERE.parent / "configs" / "rome" / "llama.yaml")
-            over = {k: v for k, v in vars(hp).items() if k not in common and k != "corpus"}
-        editors[name] = ed = ROME(**common, **over)
+        editors[name] = ed = ROME(**common, **overrides(over, common))
         ed.cov_factor(model, tok, ed.layer(model))
         context_templates(model, tok, ed.hparams.templates, ed.hparams.template_seed)
     times = {name: [] for name in editors}

@@ -25,7 +25,7 @@ import time
 
 import torch
 
-from bench_rome import DATA, HERE, setup, write
+from bench_rome import DATA, overrides, setup, write
 
 CAPITALS = {"France": "Paris", "Germany": "Berlin", "Spain": "Madrid", "Italy": "Rome", "Japan": "Tokyo",
             "England": "London", "Russia": "Moscow", "China": "Beijing", "Canada": "Ottawa", "Greece": "Athens",
@@ -58,8 +58,7 @@ def main() -> None:
     p.add_argument("--tag", default="", help="suffix of the result files")
     args = p.parse_args()
 
-    from kedit.config import load_hparams
-    from kedit.editors.rome import ROME, ROMEHparams
+    from kedit.editors.rome import ROME
 
     model, tok, _ = setup(args.threads)
     countries = list(CAPITALS)
@@ -72,10 +71,7 @@ def main() -> None:
     common = dict(corpus=str(DATA / "corpus"), stats_tokens=args.stats_tokens)
     results = {}
     for name, over in json.loads(args.hparams).items():
-        if over == "llama.yaml":
-            hp = load_hparams(ROMEHparams, HERE.parent / "configs" / "rome" / "llama.yaml")
-            over = {k: v for k, v in vars(hp).items() if k not in common and k != "corpus"}
-        editor = ROME(**common, **over)
+        editor = ROME(**common, **overrides(over, common))
         rows = []
         for i, c in enumerate(countries):
             target_country = countries[(i + 1) % len(countries)]
