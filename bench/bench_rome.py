@@ -77,6 +77,14 @@ def _quick_scores(model, tok, editor, reqs) -> dict:
             "acc": post.get("rewrite/acc"), "edit_s": res.meta.get("edit_seconds_mean")}
 
 
+def warm(editor, model, tok) -> None:
+    """Compute ``editor``'s statistics and context templates (cached) outside any timing."""
+    from kedit.editors.locate import context_templates
+
+    editor.cov_factor(model, tok, editor.layer(model))
+    context_templates(model, tok, editor.hparams.templates, editor.hparams.template_seed)
+
+
 def part_speed(args) -> None:
     """kedit's ROME (full edits) vs the reference-style optimization on the same records.
 
@@ -85,6 +93,7 @@ def part_speed(args) -> None:
     extrapolated to 20 (time(1) + 19 * per-step), which the load on this shared machine made
     necessary; both configurations run back to back on the same records and threads.
     """
+    from kedit.editors.locate import context_templates
     from kedit.editors.rome import ROME
 
     model, tok, reqs = setup(args.threads)
@@ -93,11 +102,8 @@ def part_speed(args) -> None:
     fast = ROME(**common)
     ref = {s: ROME(**common, templates=[(5, 10), (10, 10)], prefix_cache=False, v_stop_nll=0.0, v_steps=s)
            for s in (1, 3)}
-    for ed in (fast, *ref.values()):  # statistics and templates outside the timing
-        ed.cov_factor(model, tok, ed.layer(model))
-        from kedit.editors.locate import context_templates
-
-        context_templates(model, tok, ed.hparams.templates, ed.hparams.template_seed)
+    for ed in (fast, *ref.values()):
+        warm(ed, model, tok)
     rows = []
     for r in reqs:
         t = {}
@@ -147,7 +153,6 @@ def part_configs(args) -> None:
     ``--hparams`` holds a JSON object ``{name: overrides}``; ``"llama.yaml"`` as overrides
     means the shipped ``configs/rome/llama.yaml``. Templates and statistics are computed
     before the timing (both are cached across edits in normal use)."""
-    from kedit.editors.locate import context_templates
     from kedit.editors.rome import ROME
 
     model, tok, reqs = setup(args.threads)
@@ -156,8 +161,7 @@ def part_configs(args) -> None:
     editors = {}
     for name, over in json.loads(args.hparams).items():
         editors[name] = ed = ROME(**common, **overrides(over, common))
-        ed.cov_factor(model, tok, ed.layer(model))
-        context_templates(model, tok, ed.hparams.templates, ed.hparams.template_seed)
+        warm(ed, model, tok)
     times = {name: [] for name in editors}
     steps = {name: [] for name in editors}
     for r in reqs:

@@ -23,8 +23,6 @@ import argparse
 import json
 import time
 
-import torch
-
 from bench_rome import DATA, overrides, setup, write
 
 CAPITALS = {"France": "Paris", "Germany": "Berlin", "Spain": "Madrid", "Italy": "Rome", "Japan": "Tokyo",
@@ -32,22 +30,6 @@ CAPITALS = {"France": "Paris", "Germany": "Berlin", "Spain": "Madrid", "Italy": 
             "Portugal": "Lisbon", "Austria": "Vienna"}
 PROMPT = "The capital of {} is"
 PARAPHRASES = ["The capital city of {} is", "{}'s capital city is"]
-
-
-def greedy(model, tok, prompts: list[str], n: int = 4) -> list[str]:
-    out = []
-    for p in prompts:
-        b = tok([p], return_tensors="pt")
-        with torch.no_grad():
-            ids = model.generate(**b, max_new_tokens=n, do_sample=False, pad_token_id=tok.pad_token_id)
-        out.append(tok.decode(ids[0, b["input_ids"].shape[1]:]))
-    return out
-
-
-def says(text: str, word: str) -> bool:
-    """Greedy continuation starts with ``word`` as a whole word."""
-    text = text.lstrip()
-    return text.startswith(word) and (len(text) == len(word) or not text[len(word)].isalnum())
 
 
 def main() -> None:
@@ -59,15 +41,18 @@ def main() -> None:
     args = p.parse_args()
 
     from kedit.editors.rome import ROME
+    from kedit.eval.metrics import generation_match as says  # word-boundary match, as the evaluation's
+    from kedit.eval.scoring import generate
 
     model, tok, _ = setup(args.threads)
     countries = list(CAPITALS)
-    pre = dict(zip(countries, greedy(model, tok, [PROMPT.format(c) for c in countries])))
+    pre = dict(zip(countries, generate(model, tok, [PROMPT.format(c) for c in countries], 4)))
     wrong = [c for c in countries if not says(pre[c], CAPITALS[c])]
     if wrong:
         raise SystemExit(f"the unedited model does not answer the capital of {wrong}: {[pre[c] for c in wrong]}")
-    para_ok = {c: [q for q in PARAPHRASES if says(greedy(model, tok, [q.format(c)])[0], CAPITALS[c])]
-               for c in countries}
+    pairs = [(c, q) for c in countries for q in PARAPHRASES]
+    answers = generate(model, tok, [q.format(c) for c, q in pairs], 4)
+    para_ok = {c: [q for (o, q), a in zip(pairs, answers) if o == c and says(a, CAPITALS[c])] for c in countries}
     common = dict(corpus=str(DATA / "corpus"), stats_tokens=args.stats_tokens)
     results = {}
     for name, over in json.loads(args.hparams).items():
@@ -82,8 +67,8 @@ def main() -> None:
             seconds = time.perf_counter() - t0
             neighbours = [o for o in countries if o not in (c, target_country)]
             with edit.applied(model):
-                got = greedy(model, tok, [PROMPT.format(c)] + [q.format(c) for q in para_ok[c]]
-                             + [PROMPT.format(o) for o in neighbours])
+                got = generate(model, tok, [PROMPT.format(c)] + [q.format(c) for q in para_ok[c]]
+                               + [PROMPT.format(o) for o in neighbours], 4)
             own, paras, nb = got[0], got[1:1 + len(para_ok[c])], got[1 + len(para_ok[c]):]
             rows.append({"country": c, "new": new, "answer": own, "efficacy": says(own, new),
                          "paraphrase": [says(x, new) for x in paras],

@@ -157,7 +157,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.editor.lower() != "none":
         request = demo_request(args.target_new)
         config = editor_config(args.editor, model, args.model, args.config)
-        print(f"edit: {args.editor} ({config.relative_to(CONFIGS.parent) if config and config.is_relative_to(CONFIGS.parent) else config or 'default hyperparameters'}): "
+        shown = config.relative_to(CONFIGS.parent) if config and config.is_relative_to(CONFIGS.parent) else config
+        print(f"edit: {args.editor} ({shown or 'default hyperparameters'}): "
               f"{EDIT_PROMPT!r} {EDIT_TARGET_TRUE} -> {args.target_new}")
         t0 = time.perf_counter()
         try:
