@@ -1,7 +1,7 @@
 """``python -m kedit.evaluate``: edit a model with any editor and evaluate it honestly.
 
-    python -m kedit.evaluate --model smollm2-135m --editor ft-m \\
-        --data ../shared/data/counterfact/counterfact_dev_rome.json --mode single --limit 50
+    python -m kedit.evaluate --model smollm2-135m --editor rome --config auto \\
+        --data counterfact-sample --mode single --limit 10
 
 Prints a markdown table of pre- and post-edit scores, writes every number to a JSON file
 (``--out``), and optionally logs to W&B (``--wandb``) and plots the sequential curves (``--plot``).
@@ -31,11 +31,15 @@ neighborhood/* (specificity/locality), portability/*, fluency/ngram_entropy, gen
 */es and */ns compare mean per-token probabilities (ROME), */acc and */exact are teacher-forced,
 */gen is greedy generation-based success. Pre-edit scores are always shown next to post-edit ones.
 
+--data is a dataset name or a file. counterfact-sample (48 CounterFact records) ships with kedit;
+counterfact, zsre, knowedit-zsre and mquake come from $KEDIT_DATA (the development data's layout)
+or the Hugging Face hub (cached in $KEDIT_CACHE/datasets).
+
 examples:
-  python -m kedit.evaluate --editor ft-m --data ../shared/data/counterfact/counterfact_dev_rome.json --limit 50
-  python -m kedit.evaluate --editor memit --mode sequential --batch-size 50 --limit 500 --plot \\
-      --data ../shared/data/counterfact/counterfact_dev_rome.json
-  python -m kedit.evaluate --editor checkpoints/mend-smollm2-135m-counterfact.safetensors --data ../shared/data/zsre/zsre_dev_mend.json --skip-bad
+  python -m kedit.evaluate --editor ft-m --config auto --data counterfact-sample --limit 20
+  KEDIT_DATA=../shared/data python -m kedit.evaluate --editor memit --config auto --mode sequential \\
+      --batch-size 50 --limit 500 --plot --data counterfact:dev
+  python -m kedit.evaluate --editor checkpoints/mend-smollm2-135m-counterfact.safetensors --data zsre:dev --skip-bad
 """
 
 
@@ -48,10 +52,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--model", default="smollm2-135m",
                    help="offline model name, local HF folder, .gguf file or hub id (default: %(default)s)")
     g.add_argument("--editor", required=True, help="registry name or path to a trained editor checkpoint")
-    g.add_argument("--config", help="YAML file of the editor's hyperparameters")
+    g.add_argument("--config", help="the editor's hyperparameters: a YAML file, a shipped config's name "
+                                    "(llama), or 'auto': the values tuned for --model that ship with kedit "
+                                    "(default: the dataclass defaults, the papers' values)")
     g.add_argument("--hparams", nargs="*", default=[], metavar="KEY=VALUE",
                    help="hyperparameter overrides, parsed with the field types")
-    g.add_argument("--data", required=True, help="edit requests: JSON / JSONL file (CounterFact, zsRE, KnowEdit, ...)")
+    g.add_argument("--data", required=True,
+                   help="edit requests: a dataset name (counterfact-sample: 48 records shipped with kedit; "
+                        "counterfact[:dev|train], zsre[:dev|train], knowedit-zsre, mquake: from $KEDIT_DATA or "
+                        "the hub) or a JSON / JSONL file (CounterFact, zsRE, KnowEdit, ...)")
     g.add_argument("--format", default="auto", help="data format (default: detected from the records)")
     g.add_argument("--limit", type=int, help="use the first N requests")
     g.add_argument("--skip-bad", action="store_true", help="skip invalid records (reported) instead of failing")
@@ -75,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--generation-prompts", type=int, help="at most this many distinct generation prompts per request")
     g.add_argument("--no-perplexity", action="store_true", help="skip perplexity on held text")
     g.add_argument("--ppl-path", help="held text for perplexity (JSONL with 'text', or plain text); "
-                                      "default: the shared Wikipedia sample")
+                                      "default: the Wikipedia sample shipped with kedit")
     g.add_argument("--ppl-docs", type=int, default=4, help="documents of held text (default: %(default)s)")
     g.add_argument("--ppl-tokens", type=int, default=256, help="tokens per document (default: %(default)s)")
     g.add_argument("--curve-every", type=int, default=0,
@@ -129,7 +138,7 @@ def make_editor(spec: str, config: str | None, overrides: list[str], model):
         raise SystemExit(f"--editor {spec!r}: neither a registered editor ({', '.join(sorted(EDITORS))}) "
                          f"nor an existing checkpoint path")
     cls = editor_class(spec)
-    return kedit.editor(spec, config=config, **parse_overrides(cls.Hparams, overrides))
+    return kedit.editor(spec, config=config, model=model, **parse_overrides(cls.Hparams, overrides))
 
 
 def _device(spec: str) -> str:
@@ -198,7 +207,6 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import torch
 
@@ -209,8 +217,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    requests, report = load_requests_with_report(args.data, format=args.format,
-                                                 on_error="skip" if args.skip_bad else "raise", limit=args.limit)
+    from kedit.paths import DataNotFound
+
+    try:
+        requests, report = load_requests_with_report(args.data, format=args.format,
+                                                     on_error="skip" if args.skip_bad else "raise", limit=args.limit)
+    except DataNotFound as err:  # a named dataset that is neither local nor reachable: one line
+        raise SystemExit(f"--data: {err}") from None
     if args.skip_bad and hasattr(report, "summary"):
         log.info("%s", report.summary())
     if not requests:

@@ -576,10 +576,12 @@ def _iter_requests(records: Iterable[Any], fmt: str, src: str | None, on_error: 
 
 
 def load_requests_with_report(source: Any, format: str = "auto", on_error: OnError = "raise",
-                              limit: int | None = None) -> tuple[list[EditRequest], LoadReport]:
+                              limit: int | None = None, split: str | None = None
+                              ) -> tuple[list[EditRequest], LoadReport]:
     """Like :func:`load_requests`, also returning the :class:`LoadReport` (skipped records)."""
     if limit is not None and limit < 0:
         raise ValueError(f"limit must be >= 0, got {limit}")
+    source = _named(source, split)
     src = _describe(source)
     report = LoadReport(src or "<records>", format=format if format != "auto" else "")
     records = _records(source, on_error, report)
@@ -590,19 +592,33 @@ def load_requests_with_report(source: Any, format: str = "auto", on_error: OnErr
 
 
 def load_requests(source: Any, format: str = "auto", on_error: OnError = "raise",
-                  limit: int | None = None) -> list[EditRequest]:
-    """Edit requests from a JSON / JSONL path, a list of dicts or a ``datasets.Dataset``.
+                  limit: int | None = None, split: str | None = None) -> list[EditRequest]:
+    """Edit requests from a named dataset, a JSON / JSONL path, a list of dicts or a ``datasets.Dataset``.
 
     Args:
-        source: a file path (a JSON array or JSON lines, detected from the content), a list
-            of dicts or EditRequests, or a Hugging Face ``datasets.Dataset``.
+        source: a dataset name (``"counterfact"``, ``"zsre:train"``, ``"counterfact-sample"``, ...:
+            :mod:`kedit.data.named`), a file path (a JSON array or JSON lines, detected from the
+            content), a list of dicts or EditRequests, or a Hugging Face ``datasets.Dataset``.
         format: ``"auto"`` (from the first record's keys) or one of :data:`FORMATS`.
         on_error: ``"raise"``: the first bad record raises :class:`RequestError` naming the
             source, record index and field. ``"skip"``: bad records are dropped (logged; see
             :func:`load_requests_with_report` for the list).
         limit: return at most this many requests (the first ones).
+        split: the split of a named dataset (default: the dataset's own, e.g. ``"dev"``).
     """
-    return load_requests_with_report(source, format, on_error, limit)[0]
+    return load_requests_with_report(source, format, on_error, limit, split)[0]
+
+
+def _named(source: Any, split: str | None) -> Any:
+    """A registered dataset name -> its local file; anything else unchanged."""
+    from kedit.data import named
+
+    if named.is_named(source):
+        return named.resolve(source, split)
+    if split is not None:
+        raise ValueError(f"split={split!r} applies to named datasets only ({', '.join(named.DATASETS)}), "
+                         f"not to {_describe(source) or 'in-memory records'}")
+    return source
 
 
 def to_requests(records: Any, source: str | None = None, on_error: OnError = "raise",
@@ -636,7 +652,8 @@ class MQuAKECase:
 
 
 def load_mquake_cases(source: Any, on_error: OnError = "raise", limit: int | None = None) -> list[MQuAKECase]:
-    """MQuAKE cases as groups (``limit`` counts cases)."""
+    """MQuAKE cases as groups (``limit`` counts cases); ``source`` may be the name ``"mquake"``."""
+    source = _named(source, None)
     src = _describe(source)
     report = LoadReport(src or "<records>", format="mquake")
     cases = []

@@ -369,16 +369,30 @@ def editor_class(name: str) -> type[Editor]:
     return getattr(importlib.import_module(module), cls)
 
 
-def editor(name: str, config: str | Path | None = None, **hparams: Any) -> Editor:
+def editor(name: str, config: str | Path | None = None, *, model: nn.Module | None = None,
+           model_name: str | None = None, **hparams: Any) -> Editor:
     """``kedit.editor("rome", layers=[5])``: an editor with typed hyperparameters.
 
-    ``config`` is a YAML file of hyperparameters (e.g. ``configs/rome/llama.yaml``), parsed
-    with the dataclass's types; keyword arguments override it.
+    ``config`` chooses the YAML of hyperparameters, parsed with the dataclass's types:
+
+    * ``None``: none; the dataclass defaults hold the papers' values;
+    * ``"auto"``: the values tuned for ``model`` that ship with kedit
+      (``configs/<editor>/<model name>.yaml``, else ``configs/<editor>/<model_type>.yaml``;
+      the papers' values when neither exists). Needs ``model=`` (or ``model_name=``);
+    * a shipped config's name (``"llama"``) or the path of a YAML file.
+
+    Keyword arguments override the config.
     """
+    from kedit import paths
+
     cls = editor_class(name)
+    if config is not None and str(config) == "auto":
+        if model is None and model_name is None:
+            raise ValueError('config="auto" picks the tuned values for a model: pass model= (or model_name=)')
+        config = paths.tuned_config(name, model, model_name)
     if config is not None:
         from kedit.config import load_hparams
 
-        base = load_hparams(cls.Hparams, config)
+        base = load_hparams(cls.Hparams, paths.config_path(name, config))
         return cls(base, **hparams)
     return cls(**hparams)
