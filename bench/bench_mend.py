@@ -24,6 +24,8 @@ from pathlib import Path
 
 import torch
 
+from kedit import paths
+
 import kedit
 from kedit.data.encode import encode, model_inputs
 from kedit.data.loaders import load_requests, read_records
@@ -94,7 +96,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--editor", default=str(ROOT / "checkpoints" / "mend-smollm2-135m-counterfact.safetensors"))
     ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--data-dir", default=str(ROOT.parent / "shared" / "data" / "counterfact"))
+    ap.add_argument("--data-dir", default=None, help="folder of the CounterFact files (default: $KEDIT_DATA/counterfact)")
     ap.add_argument("--n-mend", type=int, default=200, help="edit-split records of counterfact_dev_mend.json")
     ap.add_argument("--n-rome", type=int, default=200, help="records of counterfact_dev_rome.json")
     ap.add_argument("--n-timing", type=int, default=20)
@@ -108,7 +110,7 @@ def main() -> None:
     device = torch.device(args.device)
     model, tok = kedit.load_model(args.model, device=device)
     editor = kedit.load_editor(args.editor, model=model)
-    data = Path(args.data_dir)
+    data = Path(args.data_dir) if args.data_dir else paths.data_dir(required=True) / "counterfact"
     mend_records = [r for r in read_records(data / "counterfact_dev_mend.json") if r.get("mend_split") == "edit"]
     sets = {
         "counterfact_dev_mend[edit]": load_requests(mend_records[: args.n_mend], format="counterfact_mend"),

@@ -16,15 +16,16 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import statistics
 import time
 from pathlib import Path
 
 import torch
 
+from kedit import paths
+
 HERE = Path(__file__).resolve().parent
-DATA = Path(os.environ.get("KEDIT_DATA", HERE.parents[1] / "shared" / "data"))
+DATA = paths.data_dir(required=True)  # the development data: $KEDIT_DATA (kedit.paths)
 CF = DATA / "counterfact" / "counterfact_dev_rome.json"
 OUT = HERE / "results"
 

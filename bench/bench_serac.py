@@ -30,6 +30,8 @@ from pathlib import Path
 
 import torch
 
+from kedit import paths
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -143,7 +145,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--artifact", default=str(ROOT / "checkpoints" / "serac-smollm2-135m-counterfact.safetensors"))
     ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--data-dir", default=str(ROOT.parent / "shared" / "data"))
+    ap.add_argument("--data-dir", default=None, help="the development data (default: $KEDIT_DATA)")
     ap.add_argument("--parts", nargs="+", default=["quality", "retention", "overhead"],
                     help="quality (kedit.eval batch mode), sequential (kedit.eval sequential mode: heavy), "
                          "retention (light sequential curve), overhead")
@@ -165,7 +167,7 @@ def main() -> None:
     t = time.perf_counter()
     editor = kedit.load_editor(args.artifact, model)
     load_s = time.perf_counter() - t
-    data_dir = Path(args.data_dir)
+    data_dir = Path(args.data_dir) if args.data_dir else paths.data_dir(required=True)
     device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "cpu"
     out: dict = {"artifact": args.artifact, "artifact_mb": Path(args.artifact).stat().st_size / 2**20,
                  "model": args.model, "device": args.device, "device_name": device_name,

@@ -7,15 +7,16 @@ top-1 agreement on the neighborhood answer) on the first 6 edit-split records of
 counterfact_dev_mend.json. Prints one line per α.
 """
 import time
-from pathlib import Path
 
 import torch
+
+from kedit import paths
 
 import kedit
 from kedit.editors.mend import MEND, MENDNet, MENDHparams, edited_weights, weight_dims, gradient_inputs
 from kedit.data.loaders import load_requests, read_records
 from kedit.data.encode import encode, model_inputs, target_logprobs
-DATA = str(Path(__file__).resolve().parents[2] / "shared" / "data")
+DATA = str(paths.data_dir(required=True))  # $KEDIT_DATA (kedit.paths)
 torch.set_num_threads(2)
 m, tok = kedit.load_model("smollm2-135m")
 hp = MENDHparams(rank=8)

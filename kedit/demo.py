@@ -36,6 +36,10 @@ NEIGHBOURS = [
 ]
 
 
+ONE_TIME = ("kedit.models.loading", "kedit.stats")
+"""Loggers whose INFO lines announce the first run's one-time costs, cached afterwards."""
+
+
 @dataclass
 class Row:
     kind: str
@@ -66,22 +70,18 @@ def demo_request(target_new: str = EDIT_TARGET_NEW) -> dict:
             "target_true": EDIT_TARGET_TRUE, "paraphrase_prompts": PARAPHRASES}
 
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-
-
 def editor_config(editor_name: str, model, model_name: str, config: str | None = "auto") -> Path | None:
-    """The hyperparameter YAML for the demo: ``config`` itself, or with ``"auto"`` the
-    checkout's ``configs/<editor>/<model name>.yaml`` or ``configs/<editor>/<model_type>.yaml``
-    if there is one (None: the dataclass defaults, i.e. the papers' values)."""
+    """The hyperparameter YAML for the demo: ``config`` itself (a path or a shipped config's
+    name), or with ``"auto"`` the shipped ``configs/<editor>/<model name>.yaml`` or
+    ``configs/<editor>/<model_type>.yaml`` if there is one (None: the dataclass defaults, i.e.
+    the papers' values)."""
+    from kedit import paths
+
     if config in (None, "none"):
         return None
     if config != "auto":
-        return Path(config)
-    folder = CONFIGS / editor_name
-    for stem in (Path(model_name).name, getattr(model.config, "model_type", "")):
-        if stem and (folder / f"{stem}.yaml").is_file():
-            return folder / f"{stem}.yaml"
-    return None
+        return paths.config_path(editor_name, config)
+    return paths.tuned_config(editor_name, model, model_name)
 
 
 def make_edit(model, tokenizer, editor_name: str, request: dict, config: Path | None = None):
@@ -124,9 +124,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--target-new", default=EDIT_TARGET_NEW, help="new answer for the edited fact")
     p.add_argument("--max-new-tokens", type=int, default=6)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    p.add_argument("--data", default=None,
-                   help="CounterFact/zsRE file for the evaluation table (default: "
-                        "$KEDIT_DATA or ../shared/data, counterfact/counterfact_dev_rome.json)")
+    p.add_argument("--data", default="counterfact-sample",
+                   help="records for the evaluation table: a dataset name (kedit.data.named) or a "
+                        "CounterFact/zsRE file (default: %(default)s, the 48 records that ship with kedit)")
     p.add_argument("--eval-records", type=int, default=3,
                    help="records evaluated after the demo edit, single mode (0: skip the table)")
     p.add_argument("-v", "--verbose", action="store_true", help="log progress (INFO)")
@@ -137,8 +137,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(name)s: %(message)s")
+    for name in ONE_TIME:  # say so when a one-time cost (dequantizing, statistics) is paid
+        logging.getLogger(name).setLevel(logging.INFO)
     import torch
 
+    from kedit import paths
     from kedit.models import load_model
 
     if args.threads:
@@ -157,7 +160,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.editor.lower() != "none":
         request = demo_request(args.target_new)
         config = editor_config(args.editor, model, args.model, args.config)
-        shown = config.relative_to(CONFIGS.parent) if config and config.is_relative_to(CONFIGS.parent) else config
+        shown = config.relative_to(paths.PACKAGE) if config and config.is_relative_to(paths.PACKAGE) else config
         print(f"edit: {args.editor} ({shown or 'default hyperparameters'}): "
               f"{EDIT_PROMPT!r} {EDIT_TARGET_TRUE} -> {args.target_new}")
         t0 = time.perf_counter()
@@ -173,33 +176,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     print()
     print(format_table(rows))
     if edited and args.eval_records > 0:
-        table = evaluation_table(model, tok, args.editor, args.data, args.eval_records, config)
-        if table:
-            print()
-            print(table)
+        print()
+        print(evaluation_table(model, tok, args.editor, args.data, args.eval_records, config))
     return 0
 
 
-def default_data() -> Path:
-    import os
-
-    root = Path(os.environ.get("KEDIT_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data")
-    return root / "counterfact" / "counterfact_dev_rome.json"
-
-
 def evaluation_table(model, tokenizer, editor_name: str, data: str | None, n: int,
-                     config: Path | None = None) -> str | None:
+                     config: Path | None = None) -> str:
     """Single-mode evaluation of ``editor_name`` on the first ``n`` records (markdown)."""
     import kedit
     from kedit.data import load_requests
+    from kedit.data.named import SAMPLE
     from kedit.eval import EvalConfig, evaluate
 
-    path = Path(data) if data else default_data()
-    if not path.is_file():
-        log.warning("no evaluation data at %s (pass --data); skipping the evaluation table", path)
-        return None
-    requests = load_requests(path, limit=n, on_error="skip")
-    print(f"\nevaluating {editor_name} on the first {len(requests)} records of {path} (single mode) ...")
+    data = data or SAMPLE
+    requests = load_requests(data, limit=n, on_error="skip")
+    print(f"\nevaluating {editor_name} on the first {len(requests)} records of {data} (single mode) ...")
     eval_config = EvalConfig(fluency=False, max_generation_prompts=1, ppl_docs=2, ppl_tokens=128)
     results = evaluate(model, tokenizer, kedit.editor(editor_name, config=config), requests, mode="single",
                        config=eval_config, progress=True)

@@ -12,7 +12,8 @@ the highest of them, and caches each layer in a safetensors file under
   corpus keeps its statistics; a hub id; or a hash of in-memory texts), the number of
   tokens, the sequence length and the dtype.
 
->>> C = second_moments(model, tok, [5], corpus="../shared/data/corpus", n_tokens=100_000)[5]
+>>> C = second_moments(model, tok, [5])[5]                      # the packaged Wikipedia sample
+>>> C = second_moments(model, tok, [5], corpus="my_texts/", n_tokens=100_000)[5]
 
 The corpus is a local ``.jsonl`` / ``.json`` / ``.txt`` file or folder of them (JSON
 records give their ``"text"``), a list of strings, or a Hugging Face dataset id
@@ -53,20 +54,11 @@ _TEXT_SUFFIXES = (".jsonl", ".json", ".txt")
 
 
 def default_corpus() -> str:
-    """``$KEDIT_CORPUS``, else the shipped ``shared/data/corpus`` folder when found, else
-    Wikitext-103 from the Hugging Face hub."""
-    env = os.environ.get("KEDIT_CORPUS")
-    if env:
-        return env
-    here = Path(__file__).resolve()
-    candidates = [Path.cwd() / "../shared/data/corpus", Path.cwd() / "shared/data/corpus",
-                  here.parents[2] / "shared/data/corpus"]
-    if os.environ.get("KEDIT_DATA"):
-        candidates.insert(0, Path(os.environ["KEDIT_DATA"]) / "corpus")
-    for c in candidates:
-        if c.is_dir():
-            return str(c.resolve())
-    return "wikitext:wikitext-103-raw-v1"
+    """``$KEDIT_CORPUS``, else the Wikipedia sample that ships in the package
+    (:data:`kedit.paths.STATS_CORPUS`). The hub is never a silent default."""
+    from kedit import paths
+
+    return paths.stats_corpus()
 
 
 def _local_files(path: Path) -> list[Path]:
@@ -128,12 +120,18 @@ def _hub_texts(spec: str) -> Iterator[str]:
         import datasets
     except ImportError:
         raise ImportError(f"corpus {spec!r} is a Hugging Face dataset id, which needs `pip install datasets`") from None
+    from kedit.data.named import hub_unreachable
+
     name, _, config = spec.partition(":")
+    how = "name a local corpus file or folder instead (corpus= or $KEDIT_CORPUS)"
+    reason = hub_unreachable(name)
+    if reason:
+        raise RuntimeError(f"corpus {spec!r} is a Hugging Face dataset, and the hub is not reachable "
+                           f"({reason}); {how}")
     try:
         ds = datasets.load_dataset(name, config or None, split="train", streaming=True)
     except Exception as err:
-        raise RuntimeError(f"could not load the Hugging Face dataset {spec!r} ({err}); name a local "
-                           f"corpus file or folder instead (e.g. ../shared/data/corpus)") from None
+        raise RuntimeError(f"could not load the Hugging Face dataset {spec!r} ({err}); {how}") from None
     for i, row in enumerate(ds):
         text = _record_text(row, f"dataset {spec}, row {i}")
         if text.strip():
@@ -342,6 +340,8 @@ def second_moments(
                     log.warning("ignoring unreadable stats cache %s (%s)", path, err)
     missing = [layer for layer in layers if layer not in out]
     if missing:
+        log.info("measuring the second moments of layers %s on %s tokens (once per model and corpus; cached%s)",
+                 missing, f"{n_tokens:,}", f" in {root}" if cache else ": no")
         t0 = time.perf_counter()
         measured, seen = _measure(model, tokenizer, missing, corpus, n_tokens, seq_len, batch_size, progress)
         dt = time.perf_counter() - t0

@@ -12,16 +12,39 @@ os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-if not DATA.is_dir():  # CI clones next to shared/ too; allow an override
-    DATA = Path(os.environ.get("KEDIT_DATA", DATA))
+
+
+def _dev_data() -> Path | None:
+    from kedit import paths
+
+    return paths.data_dir()
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``dev_data`` read the large development data through ``$KEDIT_DATA``
+    (`make test` and `.ci/run` set it when ``../shared/data`` exists). Without it they are
+    deselected, not skipped: the default suite needs nothing beside the checkout."""
+    if _dev_data() is not None:
+        return
+    keep = [it for it in items if it.get_closest_marker("dev_data") is None]
+    dropped = [it for it in items if it.get_closest_marker("dev_data") is not None]
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = keep
+
+
+def pytest_report_header(config):
+    data = _dev_data()
+    return (f"kedit dev data: {data}" if data else
+            "kedit dev data: KEDIT_DATA unset; tests marked dev_data are deselected")
 
 
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
-    if not DATA.is_dir():
-        pytest.skip(f"shared data not found at {DATA} (set KEDIT_DATA)")
-    return DATA
+    """The large development data (``$KEDIT_DATA``); only for tests marked ``dev_data``."""
+    data = _dev_data()
+    assert data is not None, "a test that uses data_dir must be marked @pytest.mark.dev_data"
+    return data
 
 
 @pytest.fixture(scope="session")

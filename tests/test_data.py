@@ -7,6 +7,7 @@ import json
 
 import pytest
 
+from kedit import paths
 from kedit.data import EditRequest, Probe, RequestError, to_requests
 from kedit.data.loaders import (
     LoadReport,
@@ -42,6 +43,7 @@ def reason(err: RequestError) -> str:
     return err.reason
 
 
+@pytest.mark.dev_data
 def test_every_data_file_is_covered(data_dir):
     found = {str(p.relative_to(data_dir)) for p in data_dir.rglob("*.json*")}
     corpus = {p for p in found if p.startswith("corpus/")}
@@ -49,6 +51,7 @@ def test_every_data_file_is_covered(data_dir):
     assert corpus == {"corpus/wikipedia_en_sample_00.jsonl", "corpus/wikipedia_en_sample_01.jsonl"}
 
 
+@pytest.mark.dev_data
 @pytest.mark.parametrize("name", FILES)
 def test_data_file_loads(data_dir, name):
     fmt, n_records, n_loaded, skips = FILES[name]
@@ -72,8 +75,8 @@ def test_data_file_loads(data_dir, name):
         assert len(load_requests(data_dir / name)) == n_loaded
 
 
-def test_counterfact_rome_fields(data_dir):
-    r = load_requests(data_dir / "counterfact/counterfact_dev_rome.json", limit=1)[0]
+def test_counterfact_rome_fields():
+    r = load_requests(paths.SAMPLE_RECORDS, limit=1)[0]  # the first record of counterfact_dev_rome.json
     assert r == EditRequest(
         prompt="The mother tongue of Danielle Darrieux is", target_new="English",
         subject="Danielle Darrieux", target_true="French", case_id=0,
@@ -85,6 +88,7 @@ def test_counterfact_rome_fields(data_dir):
     assert len(r.neighborhood) == 10 and {p.answer for p in r.neighborhood} == {"French"}
 
 
+@pytest.mark.dev_data
 def test_counterfact_mend_fields(data_dir):
     r = load_requests(data_dir / "counterfact/counterfact_dev_mend.json", limit=1)[0]
     assert (r.prompt, r.subject, r.target_new, r.target_true) == (
@@ -93,6 +97,7 @@ def test_counterfact_mend_fields(data_dir):
     assert r.neighborhood == [Probe("Michel Rocard is a native speaker of", "French")]
 
 
+@pytest.mark.dev_data
 def test_zsre_mend_fields(data_dir):
     requests = load_requests(data_dir / "zsre/zsre_dev_mend.json", limit=13, on_error="skip")
     r = requests[0]
@@ -107,6 +112,7 @@ def test_zsre_mend_fields(data_dir):
     assert all(not p.prompt.startswith("nq question") for r in requests for p in r.neighborhood)
 
 
+@pytest.mark.dev_data
 def test_knowedit_fields(data_dir):
     r = load_requests(data_dir / "zsre/zsre_dev_knowedit.json", limit=1)[0]
     assert (r.prompt, r.subject, r.target_new, r.target_true) == (
@@ -119,6 +125,7 @@ def test_knowedit_fields(data_dir):
     assert len(wiki.portability) == 2 and len(wiki.neighborhood) == 1
 
 
+@pytest.mark.dev_data
 def test_mquake_flattening_and_cases(data_dir):
     path = data_dir / "mquake/MQuAKE-hard.json"
     requests = load_requests(path, limit=4)
@@ -132,8 +139,10 @@ def test_mquake_flattening_and_cases(data_dir):
     assert cases[0].requests == requests and cases[0].new_answer == "Arabic" and cases[0].answer == "English"
     assert len(cases[0].questions) == 3 and "Arabic language" in cases[0].new_answer_alias
     assert len(load_mquake_cases(path, limit=5)) == 5
+    assert len(load_requests(path, limit=6)) == 6
 
 
+@pytest.mark.dev_data
 def test_corpus_files_are_not_requests(data_dir):
     path = data_dir / "corpus/wikipedia_en_sample_00.jsonl"
     docs = read_records(path)
@@ -175,6 +184,7 @@ def test_lists_and_dicts():
     assert c.neighborhood == [Probe("The capital of Germany is", "Berlin")] and c.case_id == "x1"
 
 
+@pytest.mark.dev_data
 def test_hf_dataset(data_dir):
     datasets = pytest.importorskip("datasets")
     records = json.loads((data_dir / "zsre/zsre_dev_mend.json").read_text())
@@ -204,16 +214,15 @@ def test_jsonl_and_any_path(tmp_path):
     assert len(load_requests(single)) == 1
 
 
-def test_limit_and_options(data_dir):
-    path = data_dir / "counterfact/counterfact_dev_mend.json"
+def test_limit_and_options(tmp_path):
+    path = paths.SAMPLE_RECORDS
     assert len(load_requests(path, limit=3)) == 3 and load_requests(path, limit=0) == []
-    assert len(load_requests(data_dir / "mquake/MQuAKE-hard.json", limit=6)) == 6
     with pytest.raises(ValueError, match="on_error"):
         load_requests(path, on_error="ignore")
     with pytest.raises(ValueError, match="unknown format 'rome'"):
         load_requests(path, format="rome")
     with pytest.raises(FileNotFoundError, match="no data file"):
-        load_requests(data_dir / "nope.json")
+        load_requests(tmp_path / "nope.json")
     with pytest.raises(TypeError, match="cannot read edit requests"):
         load_requests(42)
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from kedit import demo
+from kedit import demo, paths
 from kedit.editors import Edit
 from kedit.testing import tiny_model
 
@@ -43,7 +43,7 @@ def test_demo_edit_applied_then_restored(tiny_folder, capsys, monkeypatch):
 
     def fake_edit(model, tokenizer, editor_name, request, config=None):
         assert editor_name == "rome" and request["target_new"] == "Rome"
-        assert config == demo.CONFIGS / "rome" / f"{model.config.model_type}.yaml"  # the family's config
+        assert config == paths.CONFIGS / "rome" / f"{model.config.model_type}.yaml"  # the family's config
         (rome,) = tokenizer(" Rome", add_special_tokens=False)["input_ids"]
         return AlwaysRome(rome)
 
@@ -77,23 +77,30 @@ def test_format_table():
     assert [c.strip() for c in lines[3].split("|")] == ["neighbour", "B is", "x", "", ""]
 
 
-def test_demo_evaluation_table(data_dir):
+def test_demo_evaluation_table():
+    """The table comes from the records that ship with kedit: 2 requests, pre and post scores."""
     model, tok = tiny_model("llama")
-    data = data_dir / "counterfact" / "counterfact_dev_rome.json"
-    table = demo.evaluation_table(model, tok, "ft-m", str(data), 2)
-    assert "rewrite/es" in table and "pre" in table and "post" in table
+    table = demo.evaluation_table(model, tok, "ft-m", None, 2, paths.tuned_config("ft-m", model))
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:5]]
+            for line in table.splitlines() if line.startswith("| rewrite/")}
+    assert {"rewrite/es", "rewrite/acc", "rewrite/gen"} <= set(rows)
+    for pre, post, n in rows.values():
+        assert n == "2" and 0 <= float(pre) <= 1 and 0 <= float(post) <= 1  # two records, pre and post
 
 
 def test_demo_evaluation_table_without_data(tmp_path):
     model, tok = tiny_model("llama")
-    assert demo.evaluation_table(model, tok, "ft-m", str(tmp_path / "missing.json"), 2) is None
+    with pytest.raises(FileNotFoundError):
+        demo.evaluation_table(model, tok, "ft-m", str(tmp_path / "missing.json"), 2)
 
 
 def test_editor_config(tiny):
-    """``auto`` takes the checkout's config of the model (by name, then family), else defaults."""
+    """``auto`` takes the shipped config of the model (by name, then family), else defaults."""
     model, _ = tiny("llama")
-    assert demo.editor_config("rome", model, "some/folder") == demo.CONFIGS / "rome" / "llama.yaml"
-    assert demo.editor_config("ft-m", model, "smollm2-135m") == demo.CONFIGS / "ft-m" / "smollm2-135m.yaml"
+    assert demo.editor_config("rome", model, "some/folder") == paths.CONFIGS / "rome" / "llama.yaml"
+    assert demo.editor_config("ft-m", model, "smollm2-135m") == paths.CONFIGS / "ft-m" / "smollm2-135m.yaml"
     assert demo.editor_config("rome", model, "x", "none") is None
-    assert demo.editor_config("rome", model, "x", "my.yaml") == demo.Path("my.yaml")
+    assert demo.editor_config("rome", model, "x", "llama") == paths.CONFIGS / "rome" / "llama.yaml"
+    with pytest.raises(FileNotFoundError, match="shipped configs of rome: .*llama"):
+        demo.editor_config("rome", model, "x", "my.yaml")
     assert demo.editor_config("mend", model, "x") is None  # MEND's configs are training configs of other names

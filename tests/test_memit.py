@@ -116,13 +116,13 @@ def test_alphaedit_accumulates_previous_keys(tiny):
 
 
 @pytest.mark.real_model
-def test_smollm2_memit_20_requests_one_batch(smollm2, data_dir, tmp_path_factory):
+def test_smollm2_memit_20_requests_one_batch(smollm2, tmp_path_factory):
     from kedit.data import load_requests
 
     model, tok = smollm2
-    reqs = load_requests(data_dir / "counterfact" / "counterfact_dev_rome.json")[:20]
+    reqs = load_requests("counterfact-sample", limit=20)  # the packaged records and corpus
     state = {k: v.clone() for k, v in model.state_dict().items()}
-    editor = MEMIT(corpus=str(data_dir / "corpus"), stats_tokens=10_000,
+    editor = MEMIT(stats_tokens=10_000,
                    stats_cache_dir=str(tmp_path_factory.mktemp("stats")))
     edit = editor.edit(model, tok, reqs)
     assert_state_equal(model, state)

@@ -136,11 +136,11 @@ def _module(family="llama", **hp):
     return MENDModule(f"tiny-{family}", MENDHparams(num_last_layers=2, rank=8, edit_lr=0.1, lr=1e-3, lr_lr=1e-3, **hp))
 
 
-def _data(data_dir, n=16, batch_size=2, **kw):
+def _data(n=16, batch_size=2, **kw):
+    """The CounterFact records that ship with kedit (48: 4 held out for validation)."""
     from kedit.lightning.data import EditDataModule
 
-    return EditDataModule(str(data_dir / "counterfact" / "counterfact_train_mend.json"), val_size=4, limit_train=n,
-                          batch_size=batch_size, **kw)
+    return EditDataModule("counterfact-sample", val_size=4, limit_train=n, batch_size=batch_size, **kw)
 
 
 def _trainer(tmp_path, **kw):
@@ -152,10 +152,10 @@ def _trainer(tmp_path, **kw):
     return L.Trainer(**args)
 
 
-def test_checkpoint_holds_no_base_weights(tmp_path, data_dir):
+def test_checkpoint_holds_no_base_weights(tmp_path):
     module = _module()
     trainer = _trainer(tmp_path, max_steps=2, limit_val_batches=1, val_check_interval=2)
-    trainer.fit(module, _data(data_dir))
+    trainer.fit(module, _data())
     trainer.save_checkpoint(tmp_path / "m.ckpt")
     ckpt = torch.load(tmp_path / "m.ckpt", weights_only=True)  # no pickled objects
     assert not [k for k in ckpt["state_dict"] if k.startswith("base.")]
@@ -179,13 +179,13 @@ def test_checkpoint_holds_no_base_weights(tmp_path, data_dir):
         other.on_load_checkpoint(ckpt)
 
 
-def test_training_reduces_edit_loss(tmp_path, data_dir):
+def test_training_reduces_edit_loss(tmp_path):
     """A few dozen steps on the same small set lower the edit NLL: gradients reach the hypernetwork."""
     import lightning as L
 
     L.seed_everything(0)
     module = _module(c_edit=1.0)
-    dm = _data(data_dir, n=4, batch_size=4)
+    dm = _data(n=4, batch_size=4)
     dm.setup()
     from kedit.lightning.data import collate
 
@@ -199,7 +199,7 @@ def test_training_reduces_edit_loss(tmp_path, data_dir):
     assert after < before, (before, after)
 
 
-def test_resume_matches_uninterrupted(tmp_path, data_dir):
+def test_resume_matches_uninterrupted(tmp_path):
     """Stop after 3 steps (checkpoint mid-epoch), resume to 6: same weights, optimizer and data as 6 in one go."""
     import lightning as L
     from lightning.pytorch.callbacks import ModelCheckpoint
@@ -210,7 +210,7 @@ def test_resume_matches_uninterrupted(tmp_path, data_dir):
         cb = ModelCheckpoint(dirpath=dirpath, save_last=True, every_n_train_steps=1, save_top_k=0)
         trainer = _trainer(tmp_path, max_steps=steps, limit_val_batches=0, enable_checkpointing=True,
                            callbacks=[cb])
-        trainer.fit(module, _data(data_dir, n=16, batch_size=2), ckpt_path=ckpt_path)
+        trainer.fit(module, _data(n=16, batch_size=2), ckpt_path=ckpt_path)
         return module, trainer
 
     full, _ = run(6, dirpath=tmp_path / "full")
@@ -258,7 +258,7 @@ def _hypernet(path):
     return load_file(str(path))
 
 
-def test_ddp_two_processes_equal_one_process_double_batch(tmp_path, data_dir):
+def test_ddp_two_processes_equal_one_process_double_batch(tmp_path):
     """gloo DDP, 2 processes x batch 2 == 1 process x batch 4 after 2 optimizer steps (same data, same stats)."""
     one = _cli(_ddp_args(tmp_path, "one.safetensors", 4, 1, "auto"))
     assert one.returncode == 0, one.stderr[-3000:]
@@ -275,7 +275,7 @@ def test_ddp_two_processes_equal_one_process_double_batch(tmp_path, data_dir):
 
 
 @pytest.mark.slow
-def test_multi_node_two_nodes_one_process_each(tmp_path, data_dir):
+def test_multi_node_two_nodes_one_process_each(tmp_path):
     """2 "nodes" x 1 process on this machine (NODE_RANK, MASTER_ADDR=127.0.0.1) train a few steps."""
     port = str(_free_port())
     args = _ddp_args(tmp_path, "mn.safetensors", 2, 1, "ddp", ["--trainer.num_nodes=2"])

@@ -148,6 +148,7 @@ def test_different_tokenizer_scores_text_spans(tiny):
     assert routed.item() == pytest.approx(direct, abs=1e-4)
 
 
+@pytest.mark.dev_data
 def test_1000_stored_edits_route_correctly(tiny, data_dir):
     """1,000 CounterFact edits in memory (n-gram classifier: cheap, untrained): each exact
     prompt routes to its own edit, unrelated text to none."""
@@ -169,7 +170,7 @@ def test_1000_stored_edits_route_correctly(tiny, data_dir):
         assert out.logits.shape[0] == 1
 
 
-def test_lightning_fast_dev_run_export_and_load(tmp_path, data_dir, monkeypatch):
+def test_lightning_fast_dev_run_export_and_load(tmp_path, monkeypatch):
     """SERACModule through `python -m kedit.train fit` (tiny LLaMA, MiniLM classifier), exported
     artifact loaded with kedit.load_editor and used to edit."""
     import kedit
@@ -181,7 +182,6 @@ def test_lightning_fast_dev_run_export_and_load(tmp_path, data_dir, monkeypatch)
     art = tmp_path / "serac-tiny.safetensors"
     main(["fit", "--config", str(root / "configs/serac/tiny-llama.yaml"), "--trainer.fast_dev_run=true",
           "--trainer.logger=false", "--trainer.accelerator=cpu",
-          f"--data.init_args.train_path={data_dir / 'counterfact' / 'counterfact_train_mend.json'}",
           "--export", str(art)])
     assert art.is_file()
     model, tok = tiny_model("llama")
@@ -195,7 +195,7 @@ def test_lightning_fast_dev_run_export_and_load(tmp_path, data_dir, monkeypatch)
     assert_state_equal(model, state)
 
 
-def test_cross_encoder_classifier_trains(data_dir):
+def test_cross_encoder_classifier_trains():
     """The cross-encoder variant: one optimization step lowers nothing to NaN and scores pairs."""
     from kedit.lightning.serac import SERACModule, SERACTraining
 

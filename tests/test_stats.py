@@ -141,11 +141,26 @@ def test_clear_errors(tmp_path, tiny):
 
 
 @pytest.mark.real_model
-def test_real_model_layers_in_one_pass(smollm2, data_dir, tmp_path):
+def test_real_model_layers_in_one_pass(smollm2, tmp_path):
     model, tok = smollm2
-    got = second_moments(model, tok, [4, 5], data_dir / "corpus", n_tokens=1_000, cache_dir=tmp_path,
-                         progress=False)
+    got = second_moments(model, tok, [4, 5], n_tokens=1_000, cache_dir=tmp_path, progress=False)
     for C in got.values():
         assert C.shape == (1536, 1536)
         torch.testing.assert_close(C, C.T)
         assert torch.linalg.eigvalsh(C.double()).min() > -1e-6  # PSD
+
+
+@pytest.mark.real_model
+@pytest.mark.dev_data
+def test_packaged_corpus_gives_the_dev_corpus_statistics(smollm2, data_dir, tmp_path):
+    """The packaged sample is the dev corpus's first articles, whole: statistics of up to its
+    size are the same numbers as from the full Wikipedia sample folder (so the tuned configs
+    and the benchmarks' results hold with the packaged default)."""
+    from kedit import paths
+
+    model, tok = smollm2
+    kw = dict(n_tokens=20_000, cache=False, progress=False)
+    packaged = second_moments(model, tok, [5], **kw)[5]
+    dev = second_moments(model, tok, [5], data_dir / "corpus", **kw)[5]
+    assert paths.stats_corpus() == str(paths.STATS_CORPUS)
+    assert torch.equal(packaged, dev)

@@ -25,7 +25,7 @@ import resource
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,11 +34,12 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
+from kedit import paths
 from kedit.data.request import EditRequest
 from kedit.editors.base import Edit, Editor, EditStack
 from kedit.eval import metrics as M
 from kedit.eval.results import METRICS, Results
-from kedit.eval.scoring import answer_budget, corpus_nll, default_corpus, generate, load_texts, model_device, score_targets
+from kedit.eval.scoring import answer_budget, corpus_nll, generate, load_texts, model_device, score_targets
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +65,8 @@ class EvalConfig:
     perplexity: bool = True
     """Measure perplexity on held text before and after editing."""
     ppl_path: str | None = None
-    """Held text for perplexity (JSONL with a 'text' field, or plain text); None: the shared corpus."""
+    """Held text for perplexity (JSONL with a 'text' field, or plain text); None: the packaged
+    Wikipedia sample (:data:`kedit.paths.HELD_TEXT`, disjoint from the statistics corpus)."""
     ppl_docs: int = 4
     """Documents of held text used for perplexity."""
     ppl_tokens: int = 256
@@ -141,11 +143,7 @@ class _Scorer:
         self.model, self.tok, self.cfg = model, tokenizer, cfg
         self.texts: list[str] = []
         if cfg.perplexity:
-            path = cfg.ppl_path or default_corpus()
-            if path is None:
-                log.warning("no held text for perplexity (shared corpus not found; set ppl_path): skipping it")
-            else:
-                self.texts = load_texts(path, cfg.ppl_docs)
+            self.texts = load_texts(paths.held_text(cfg.ppl_path), cfg.ppl_docs)
 
     def perplexity(self) -> tuple[float, int]:
         if not self.texts:

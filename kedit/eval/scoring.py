@@ -185,22 +185,6 @@ def answer_budget(tokenizer: PreTrainedTokenizerBase, target: str, extra: int) -
 # --------------------------------------------------------------------------- held text
 
 
-def default_corpus() -> Path | None:
-    """The held-out perplexity corpus: ``$KEDIT_DATA`` or ``../shared/data`` next to the repo."""
-    import os
-
-    candidates = []
-    if os.environ.get("KEDIT_DATA"):
-        candidates.append(Path(os.environ["KEDIT_DATA"]))
-    candidates.append(Path(__file__).resolve().parents[3] / "shared" / "data")
-    for root in candidates:
-        # sample_00 is the natural source of covariance statistics; hold out sample_01
-        path = root / "corpus" / "wikipedia_en_sample_01.jsonl"
-        if path.is_file():
-            return path
-    return None
-
-
 def load_texts(path: str | Path, n_docs: int) -> list[str]:
     """The first ``n_docs`` texts of a JSONL file (``text`` field) or plain-text file (one per
     blank-line-separated paragraph)."""

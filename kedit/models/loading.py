@@ -26,8 +26,10 @@ DEFAULT_MODEL = "smollm2-135m"
 
 
 def cache_dir() -> Path:
-    """kedit's cache folder: ``$KEDIT_CACHE`` or ``~/.cache/kedit``."""
-    return Path(os.environ.get("KEDIT_CACHE") or Path.home() / ".cache" / "kedit")
+    """kedit's cache folder: ``$KEDIT_CACHE`` or ``~/.cache/kedit`` (:func:`kedit.paths.cache_dir`)."""
+    from kedit import paths
+
+    return paths.cache_dir()
 
 
 class MissingModelPackage(ImportError):
