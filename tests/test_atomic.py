@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 import time
 
 import pytest
@@ -45,11 +43,8 @@ def test_failed_write_keeps_the_old_content_and_no_temporary(tmp_path):
     assert (folder / "w").read_text() == "two" and sorted(p.name for p in tmp_path.iterdir()) == ["a.json", "model"]
 
 
-def test_killed_writers_temporaries_are_removed_on_the_next_write(tmp_path):
+def test_killed_writers_temporaries_are_removed_on_the_next_write(tmp_path, dead_pid):
     """A temporary of a dead process, or an old one, goes; a live writer's recent one stays."""
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
-                          text=True, check=True)
-    dead_pid = int(dead.stdout)
     dest = tmp_path / "model.safetensors"
     left = temp_path(dest).with_name(temp_path(dest).name.replace(f"-{os.getpid()}-", f"-{dead_pid}-"))
     left.write_bytes(b"x" * 100)
