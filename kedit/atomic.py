@@ -1,14 +1,15 @@
 """Files written whole or not at all, and caches that never fail a run.
 
-Every file (or folder) is written to a hidden temporary beside its destination and renamed
+Every file (or folder) is written in a hidden work folder beside its destination and renamed
 over it (``os.replace``), so a reader sees the old content or the new, never half of it:
 
 >>> with atomic_path(path) as tmp:
 ...     save_file(tensors, tmp)
 
-A killed writer leaves its temporary behind. Temporaries are named
-``.<name>.kedit-tmp-<host>-<pid>-<random>``; the next write into the same folder removes
-those whose process is gone (on this host) or that are older than :data:`STALE_SECONDS`.
+A killed writer leaves its work folder behind (with whatever a library wrote there, e.g.
+safetensors' ``.tmpXXXXXX``). Work folders are named ``.<name>.kedit-tmp-<host>-<pid>-<random>``;
+the next write into the same folder removes those whose process is gone (on this host) or
+that are older than :data:`STALE_SECONDS`.
 
 Caches (statistics, context templates, dequantized models) go through
 :func:`read_cache` / :func:`write_cache`: a damaged entry is removed and recomputed, and a
@@ -62,25 +63,26 @@ def _remove(path: Path) -> None:
 
 @contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; write a file or a folder there. On success it
-    replaces ``path``; on any exception (KeyboardInterrupt included) it is removed."""
+    """Yield a temporary path to write a file or a folder at; on success it replaces ``path``,
+    on any exception (KeyboardInterrupt included) it is removed.
+
+    The temporary lies in a hidden work folder beside ``path`` that is named by
+    :func:`temp_path`, so what a library writes next to it (safetensors' own ``.tmpXXXXXX``
+    files) goes with it, and a killed write leaves one folder that the next write removes.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     sweep_temporaries(path.parent)
-    tmp = temp_path(path)
+    work = temp_path(path)
+    work.mkdir()
+    tmp = work / path.name
     try:
         yield tmp
         if tmp.is_dir() and path.is_dir():
-            # os.replace cannot replace a non-empty folder: move the old one aside first
-            old = temp_path(path)
-            os.replace(path, old)
-            os.replace(tmp, path)
-            _remove(old)
-        else:
-            os.replace(tmp, path)
+            os.replace(path, work / f"{path.name}.old")  # os.replace cannot replace a non-empty folder
+        os.replace(tmp, path)
     finally:
-        if tmp.exists():
-            _remove(tmp)
+        _remove(work)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
@@ -176,10 +178,12 @@ def read_cache(path: str | os.PathLike, read: Callable[[Path], T], what: str) ->
 def write_cache(path: str | os.PathLike, write: Callable[[Path], None], what: str) -> bool:
     """Write a cache entry atomically with ``write(tmp)``; when the cache cannot be written
     (unwritable, not a folder, disk full) log one warning and return False."""
+    from safetensors import SafetensorError  # its I/O errors are not OSErrors
+
     try:
         with atomic_path(path) as tmp:
             write(tmp)
-    except OSError as err:
+    except (OSError, SafetensorError) as err:
         _warn_once("unwritable", what, "cannot write the %s cache at %s (%s); going on without caching it",
                    what, path, err)
         return False
@@ -229,5 +233,5 @@ def load_tensors(path: str | os.PathLike, shapes: Mapping[str, tuple[int, ...]] 
         if tuple(tensors[name].shape) != tuple(shape):
             raise ValueError(f"{name} has shape {tuple(tensors[name].shape)}, expected {tuple(shape)}")
     if meta.get(CHECKSUM_KEY) != tensor_hash(tensors):
-        raise ValueError("checksum mismatch" if CHECKSUM_KEY in meta else "no checksum")
+        raise ValueError("checksum mismatch" if CHECKSUM_KEY in meta else "no checksum (an older kedit wrote it)")
     return tensors

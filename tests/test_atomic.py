@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import time
 
 import pytest
@@ -43,22 +45,31 @@ def test_failed_write_keeps_the_old_content_and_no_temporary(tmp_path):
     assert (folder / "w").read_text() == "two" and sorted(p.name for p in tmp_path.iterdir()) == ["a.json", "model"]
 
 
-def test_killed_writers_temporaries_are_removed_on_the_next_write(tmp_path, dead_pid):
-    """A temporary of a dead process, or an old one, goes; a live writer's recent one stays."""
-    dest = tmp_path / "model.safetensors"
-    left = temp_path(dest).with_name(temp_path(dest).name.replace(f"-{os.getpid()}-", f"-{dead_pid}-"))
-    left.write_bytes(b"x" * 100)
-    folder_left = temp_path(tmp_path / "models").with_name(left.name.replace("model.safetensors", "models"))
-    folder_left.mkdir()
-    (folder_left / "model.safetensors").write_bytes(b"x")
-    live = temp_path(dest)  # this process: still writing
+KILLED_SAVE = """
+import os, sys, torch
+from kedit.atomic import atomic_path, save_tensors
+with atomic_path(sys.argv[1]) as tmp:
+    save_tensors(tmp, {"w": torch.zeros(1000)})
+    (tmp.parent / ".tmpAbC123").write_bytes(b"a library's own partial file")
+    os._exit(9)  # like SIGKILL: no finally, no cleanup
+"""
+
+
+def test_killed_save_leaves_one_folder_that_the_next_write_removes(tmp_path):
+    dest = tmp_path / "edit.safetensors"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    run = subprocess.run([sys.executable, "-c", KILLED_SAVE, str(dest)], env=env, capture_output=True, text=True)
+    assert run.returncode == 9, run.stderr
+    (left,) = tmp_path.iterdir()  # the partial write and the library's file, in one hidden folder
+    assert left.name.startswith(".edit.safetensors.kedit-tmp-") and len(list(left.iterdir())) == 2
+    live = temp_path(tmp_path / "other")  # this process: still writing
     live.write_bytes(b"")
-    old = temp_path(tmp_path / "other")  # a live pid, but a day old
+    old = temp_path(tmp_path / "old")  # a live pid, but a day old
     old.write_bytes(b"")
     os.utime(old, (time.time() - 86400, time.time() - 86400))
     unrelated = tmp_path / ".hidden.tmp123"
     unrelated.write_bytes(b"")
-    atomic_write_text(tmp_path / "next.json", "{}")  # the next write sweeps the folder
+    atomic_write_text(tmp_path / "next.json", "{}")  # the next write into the folder sweeps it
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, unrelated.name, "next.json"])
     assert sweep_temporaries(tmp_path, max_age=-1) == [live]  # any age: stale
 
