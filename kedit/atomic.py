@@ -41,6 +41,9 @@ STALE_SECONDS = 6 * 3600
 """A temporary this old is stale even when its process id is in use (ids are reused, and a
 folder shared between hosts cannot ask the other host)."""
 
+_LEGACY_NAME = re.compile(r"^\.tmp[A-Za-z0-9]{6}$|^\..+-[a-z0-9_]{8}$|\.tmp\d+$")
+"""What interrupted cache writes of earlier kedit versions left: safetensors' ``.tmpXXXXXX``,
+``tempfile.mkdtemp`` folders ``.<name>-XXXXXXXX`` and ``<name>.tmp<pid>`` (age only)."""
 _HOST = re.sub(r"[^A-Za-z0-9]+", "", socket.gethostname())[:16] or "host"
 _TMP_NAME = re.compile(re.escape(TMP_MARK) + r"(?P<host>[A-Za-z0-9]+)-(?P<pid>\d+)-[0-9a-f]+$")
 
@@ -104,9 +107,11 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def sweep_temporaries(folder: str | os.PathLike, max_age: float = STALE_SECONDS) -> list[Path]:
+def sweep_temporaries(folder: str | os.PathLike, max_age: float = STALE_SECONDS, *,
+                      cache: bool = False) -> list[Path]:
     """Remove the temporaries of killed writers in ``folder``: those of a process that no
-    longer runs on this host, and any older than ``max_age`` seconds. Returns what it removed."""
+    longer runs on this host, and any older than ``max_age`` seconds. In a folder only kedit
+    writes (``cache=True``), also the old temporaries of earlier versions. Returns what it removed."""
     removed = []
     try:
         entries = list(Path(folder).iterdir())
@@ -115,13 +120,13 @@ def sweep_temporaries(folder: str | os.PathLike, max_age: float = STALE_SECONDS)
     now = time.time()
     for entry in entries:
         m = _TMP_NAME.search(entry.name)
-        if m is None:
+        if m is None and not (cache and _LEGACY_NAME.search(entry.name)):
             continue
         try:
             age = now - entry.lstat().st_mtime
         except OSError:
             continue
-        dead = m["host"] == _HOST and not _alive(int(m["pid"]))
+        dead = m is not None and m["host"] == _HOST and not _alive(int(m["pid"]))
         if dead or age > max_age:
             _remove(entry)
             removed.append(entry)
@@ -180,6 +185,7 @@ def write_cache(path: str | os.PathLike, write: Callable[[Path], None], what: st
     (unwritable, not a folder, disk full) log one warning and return False."""
     from safetensors import SafetensorError  # its I/O errors are not OSErrors
 
+    sweep_temporaries(Path(path).parent, cache=True)
     try:
         with atomic_path(path) as tmp:
             write(tmp)

@@ -104,3 +104,15 @@ def test_checked_tensors(tmp_path):
     path.write_bytes(bytes(data))
     with pytest.raises(ValueError, match="checksum mismatch"):
         load_tensors(path)
+
+
+def test_old_versions_leftovers_are_removed_from_caches_by_age(tmp_path):
+    """Leftovers of earlier kedit versions carry no pid: in a cache folder, an old one goes."""
+    names = [".tmpAb12Cd", ".smollm2-135m-k3_x9z0a", "L1_x_float32.tmp4242"]
+    for name in names:
+        (tmp_path / name).write_bytes(b"")
+    (tmp_path / "keep.safetensors").write_bytes(b"")
+    assert sweep_temporaries(tmp_path, cache=True) == []  # recent: maybe still being written
+    assert sweep_temporaries(tmp_path, max_age=-1) == []  # not a cache folder: not ours to judge
+    assert sorted(p.name for p in sweep_temporaries(tmp_path, max_age=-1, cache=True)) == sorted(names)
+    assert [p.name for p in tmp_path.iterdir()] == ["keep.safetensors"]

@@ -112,7 +112,7 @@ def _dequantized_folder(name: str, gguf: Callable[[], Path]) -> tuple[str, dict]
     (transformers dequantizes it on every load), with one warning.
     """
     folder = cache_dir() / "models" / name
-    sweep_temporaries(folder.parent)  # what killed writes left (a model is hundreds of MB)
+    sweep_temporaries(folder.parent, cache=True)  # what killed writes left (a model is hundreds of MB)
     if read_cache(folder, _check_model_folder, "dequantized model") is not None:
         return str(folder), {}
     path = gguf()
