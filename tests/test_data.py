@@ -344,6 +344,9 @@ def test_skip_recovers_the_records_after_a_syntax_error(tmp_path):
     for err in report.skipped:
         assert f"file {path}" in str(err) and "invalid JSON at line" in str(err) and "column" in str(err)
     assert "nested too deeply" in str(report.skipped[2])
+    path.write_text(json.dumps(_numbered(3)).replace("}, {", "} {", 1))  # a comma missing between records
+    good, report = load_requests_with_report(path, on_error="skip")
+    assert [r.target_new for r in good] == ["City0", "City1", "City2"] and report.skipped == []
     with pytest.raises(RequestError, match=r"record 1|invalid JSON at line \d+, column"):
         load_requests(path)
 
