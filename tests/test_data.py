@@ -347,6 +347,9 @@ def test_skip_recovers_the_records_after_a_syntax_error(tmp_path):
     path.write_text(json.dumps(_numbered(3)).replace("}, {", "} {", 1))  # a comma missing between records
     good, report = load_requests_with_report(path, on_error="skip")
     assert [r.target_new for r in good] == ["City0", "City1", "City2"] and report.skipped == []
+    path.write_text(json.dumps(_numbered(2))[:-1] + ",\n]")  # a trailing comma
+    good, report = load_requests_with_report(path, on_error="skip")
+    assert len(good) == 2 and report.skipped == []
     with pytest.raises(RequestError, match=r"record 1|invalid JSON at line \d+, column"):
         load_requests(path)
 

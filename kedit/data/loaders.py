@@ -188,6 +188,9 @@ def _recover_array(text: str, src: str, report: LoadReport) -> list[tuple[int, A
     if text[i:i + 1] == "]":
         return out
     while i < n:
+        if text[i] == "]" and index > 0:  # a trailing comma
+            log.warning("%s: a ',' after the last record (char %d)", src, i)
+            return out
         try:
             value, end = decoder.raw_decode(text, i)
         except _JSON_ERRORS as raw:
