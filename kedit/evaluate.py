@@ -44,6 +44,7 @@ examples:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from kedit.data.loaders import FORMATS
     from kedit.eval.runner import MODES
 
     p = argparse.ArgumentParser(prog="python -m kedit.evaluate", description=__doc__.split("\n\n")[0],
@@ -56,7 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--hparams", nargs="*", default=[], metavar="KEY=VALUE",
                    help="hyperparameter overrides, parsed with the field types")
     g.add_argument("--data", required=True, help="edit requests: JSON / JSONL file (CounterFact, zsRE, KnowEdit, ...)")
-    g.add_argument("--format", default="auto", help="data format (default: detected from the records)")
+    g.add_argument("--format", default="auto", choices=("auto", *FORMATS),
+                   help="data format (default: detected from the records)")
     g.add_argument("--limit", type=int, help="use the first N requests")
     g.add_argument("--skip-bad", action="store_true", help="skip invalid records (reported) instead of failing")
 
@@ -68,7 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="requests per edit (batch: default all; sequential: default 1; single: 1)")
     g.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
     g.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
-    g.add_argument("--dtype", default="float32", help="model dtype: float32, bfloat16, float16")
+    g.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16", "fp32", "bf16", "fp16"),
+                   help="model dtype (default: %(default)s)")
     g.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
 
     g = p.add_argument_group("what to measure")
@@ -226,6 +229,9 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the evaluation; an expected user error is one line on stderr and exit code 2."""
+    # before anything imports huggingface_hub, which reads HF_HUB_OFFLINE once
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         return _main(argv)
     except SystemExit as err:
@@ -248,7 +254,7 @@ def _out_path(args: argparse.Namespace) -> Path:
     try:
         check_writable(out)
     except OSError as err:
-        raise UsageError(f"--out {out}: cannot write the results there ({err})") from None
+        raise UsageError(f"--out {out}: cannot write the results there ({err.strerror or err})") from None
     return out
 
 
@@ -256,8 +262,6 @@ def _main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import torch
 
     from kedit.atomic import atomic_write_text
@@ -293,7 +297,8 @@ def _main(argv: list[str] | None = None) -> int:
     try:
         atomic_write_text(out, results.to_json() + "\n")
     except OSError as err:
-        raise UsageError(f"--out {out}: the results could not be written ({err}); the table above has them") from None
+        raise UsageError(f"--out {out}: the results could not be written ({err.strerror or err}); "
+                         "the table above has them") from None
     sys.stdout.write(f"\nresults: {out}\n")
     if args.plot is not None:
         if results.curves:
