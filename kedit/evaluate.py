@@ -20,6 +20,10 @@ from typing import Any
 
 log = logging.getLogger("kedit.evaluate")
 
+
+class UsageError(Exception):
+    """A command line that cannot run (e.g. an untrained MEND, an unwritable --out)."""
+
 EPILOG = """\
 --editor is a registry name (ft-l, ft-m, lora, rome, memit, alphaedit, mend, serac) or the path
 of a trained editor checkpoint (loaded with kedit.load_editor). Hyperparameters come from
@@ -44,6 +48,7 @@ examples:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from kedit.data.loaders import FORMATS
     from kedit.eval.runner import MODES
 
     p = argparse.ArgumentParser(prog="python -m kedit.evaluate", description=__doc__.split("\n\n")[0],
@@ -61,7 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="edit requests: a dataset name (counterfact-sample: 48 records shipped with kedit; "
                         "counterfact[:dev|train], zsre[:dev|train], knowedit-zsre, mquake: from $KEDIT_DATA or "
                         "the hub) or a JSON / JSONL file (CounterFact, zsRE, KnowEdit, ...)")
-    g.add_argument("--format", default="auto", help="data format (default: detected from the records)")
+    g.add_argument("--format", default="auto", choices=("auto", *FORMATS),
+                   help="data format (default: detected from the records)")
     g.add_argument("--limit", type=int, help="use the first N requests")
     g.add_argument("--skip-bad", action="store_true", help="skip invalid records (reported) instead of failing")
 
@@ -73,7 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="requests per edit (batch: default all; sequential: default 1; single: 1)")
     g.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
     g.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
-    g.add_argument("--dtype", default="float32", help="model dtype: float32, bfloat16, float16")
+    g.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16", "fp32", "bf16", "fp16"),
+                   help="model dtype (default: %(default)s)")
     g.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
 
     g = p.add_argument_group("what to measure")
@@ -124,6 +131,20 @@ def parse_overrides(cls: type, items: list[str]) -> dict[str, Any]:
     return {k: ns[k] for k, _ in pairs}
 
 
+TRAINED_ONLY = {
+    "mend": "MEND edits through a trained hypernetwork, and a registry name gives an untrained one; pass "
+            "the path of a trained checkpoint (e.g. checkpoints/mend-smollm2-135m-counterfact.safetensors) or "
+            "train one with python -m kedit.train fit --config configs/mend/smollm2-counterfact.yaml",
+}
+"""Registry editors that are meaningless without training: evaluated only from a checkpoint."""
+
+
+def refuse_untrained(spec: str) -> None:
+    """UsageError for a registry name of an editor that needs training (see TRAINED_ONLY)."""
+    if spec.lower() in TRAINED_ONLY and not Path(spec).exists():
+        raise UsageError(f"--editor {spec}: {TRAINED_ONLY[spec.lower()]}")
+
+
 def make_editor(spec: str, config: str | None, overrides: list[str], model):
     """A registry editor (with config/overrides), or a trained one from a checkpoint path."""
     import kedit
@@ -137,6 +158,7 @@ def make_editor(spec: str, config: str | None, overrides: list[str], model):
     if spec.lower() not in EDITORS:
         raise SystemExit(f"--editor {spec!r}: neither a registered editor ({', '.join(sorted(EDITORS))}) "
                          f"nor an existing checkpoint path")
+    refuse_untrained(spec)
     cls = editor_class(spec)
     return kedit.editor(spec, config=config, model=model, **parse_overrides(cls.Hparams, overrides))
 
@@ -203,13 +225,53 @@ def log_wandb(results, args: argparse.Namespace) -> None:
     run.finish()
 
 
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Errors a user fixes by changing the command or its files: one line, no traceback."""
+    from kedit.checkpoint import BaseModelMismatch
+    from kedit.data.request import RequestError
+    from kedit.models.arch import UnsupportedArchitecture
+    from kedit.models.loading import MissingModelPackage
+
+    return (UsageError, RequestError, FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError,
+            MissingModelPackage, UnsupportedArchitecture, BaseModelMismatch)
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run the evaluation; an expected user error is one line on stderr and exit code 2."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        return _main(argv)
+    except SystemExit as err:
+        if not isinstance(err.code, str):  # argparse: --help (0) or a usage error already printed (2)
+            raise
+        message = err.code
+    except _user_errors() as err:
+        log.debug("user error", exc_info=True)
+        message = str(err)
+    sys.stderr.write(f"python -m kedit.evaluate: error: {message}\n")
+    return 2
+
+
+def _out_path(args: argparse.Namespace) -> Path:
+    """``--out``, or outputs/eval/<editor>-<mode>-<time>.json; checked writable before the run."""
+    from kedit.atomic import check_writable
+
+    stem = Path(args.editor).stem if Path(args.editor).exists() else args.editor
+    out = Path(args.out) if args.out else Path("outputs") / "eval" / f"{stem}-{args.mode}-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    try:
+        check_writable(out)
+    except OSError as err:
+        raise UsageError(f"--out {out}: cannot write the results there ({err.strerror or err})") from None
+    return out
+
+
+def _main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import torch
 
+    from kedit.atomic import atomic_write_text
     from kedit.data.loaders import load_requests_with_report
     from kedit.eval import EvalConfig, evaluate
     from kedit.models import load_model
@@ -217,13 +279,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    from kedit.paths import DataNotFound
-
-    try:
-        requests, report = load_requests_with_report(args.data, format=args.format,
-                                                     on_error="skip" if args.skip_bad else "raise", limit=args.limit)
-    except DataNotFound as err:  # a named dataset that is neither local nor reachable: one line
-        raise SystemExit(f"--data: {err}") from None
+    out = _out_path(args)
+    refuse_untrained(args.editor)  # before loading anything
+    requests, report = load_requests_with_report(args.data, format=args.format,
+                                                 on_error="skip" if args.skip_bad else "raise", limit=args.limit)
     if args.skip_bad and hasattr(report, "summary"):
         log.info("%s", report.summary())
     if not requests:
@@ -240,11 +299,13 @@ def main(argv: list[str] | None = None) -> int:
                        progress=not args.quiet)
     results.meta.update(data=str(args.data), seed=args.seed, argv=sys.argv[1:] if argv is None else argv)
 
-    stem = Path(args.editor).stem if Path(args.editor).exists() else args.editor
-    out = Path(args.out) if args.out else Path("outputs") / "eval" / f"{stem}-{args.mode}-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    results.to_json(out)
     title = f"{results.meta['editor_name']} · {args.mode} · {len(requests)} requests · {Path(args.data).name}"
-    sys.stdout.write(results.to_markdown(title))
+    sys.stdout.write(results.to_markdown(title))  # before writing: a failed write keeps the table
+    try:
+        atomic_write_text(out, results.to_json() + "\n")
+    except OSError as err:
+        raise UsageError(f"--out {out}: the results could not be written ({err.strerror or err}); "
+                         "the table above has them") from None
     sys.stdout.write(f"\nresults: {out}\n")
     if args.plot is not None:
         if results.curves:

@@ -116,3 +116,29 @@ def config_path(editor: str, config: str | os.PathLike) -> Path:
     names = sorted(p.stem for p in (CONFIGS / editor.lower()).glob("*.yaml"))
     raise DataNotFound(f"no config file at {path}" + (f"; shipped configs of {editor}: {', '.join(names)}"
                                                        if names else ""))
+
+
+def hub_unreachable(repo: str, revision: str | None = "main", repo_type: str = "dataset",
+                    timeout: float = 5.0) -> str | None:
+    """None when the Hugging Face hub answers for ``repo``; else a one-line reason (offline mode,
+    no network, unknown id). One request with a short timeout, no retries: kedit asks this before
+    handing a hub id to ``datasets`` or ``transformers``, whose retries take tens of seconds."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+        return "HF_HUB_OFFLINE is set"
+    try:
+        from huggingface_hub import HfApi
+
+        api = HfApi()
+        info = api.model_info if repo_type == "model" else api.dataset_info
+        info(repo, revision=revision, timeout=timeout)
+    except Exception as err:  # noqa: BLE001 - any failure is the reason
+        return one_line(err)
+    return None
+
+
+def one_line(err: BaseException, limit: int = 200) -> str:
+    """An exception's message on one line, cut to ``limit`` characters."""
+    text = " ".join(str(err).split()) or type(err).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."

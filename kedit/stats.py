@@ -4,7 +4,9 @@ ROME, MEMIT and AlphaEdit need, for each edited layer, the (uncentered) second m
 the keys ``k``: the inputs of the MLP output projection (``Arch.mlp_out``) over a text
 corpus. :func:`second_moments` measures several layers in one forward pass that stops at
 the highest of them, and caches each layer in a safetensors file under
-``kedit.models.cache_dir() / "stats"`` (``$KEDIT_CACHE``), keyed by
+``kedit.models.cache_dir() / "stats"`` (``$KEDIT_CACHE``; written atomically, with a checksum
+and the shape checked on read: a damaged entry is recomputed, and an unwritable cache only
+means no caching), keyed by
 
 * the model's identity: its name and a hash of the weights the keys depend on (the
   embeddings and blocks ``0..layer``), so an edited model never reads stale statistics;
@@ -33,9 +35,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from kedit.atomic import load_tensors, read_cache, save_tensors, write_cache
 from kedit.hooks import run_until, trace
 from kedit.models.arch import arch_of
 
@@ -120,11 +122,11 @@ def _hub_texts(spec: str) -> Iterator[str]:
         import datasets
     except ImportError:
         raise ImportError(f"corpus {spec!r} is a Hugging Face dataset id, which needs `pip install datasets`") from None
-    from kedit.data.named import hub_unreachable
+    from kedit.paths import hub_unreachable
 
     name, _, config = spec.partition(":")
     how = "name a local corpus file or folder instead (corpus= or $KEDIT_CORPUS)"
-    reason = hub_unreachable(name)
+    reason = hub_unreachable(name, revision=None)
     if reason:
         raise RuntimeError(f"corpus {spec!r} is a Hugging Face dataset, and the hub is not reachable "
                            f"({reason}); {how}")
@@ -326,18 +328,18 @@ def second_moments(
 
     keys: dict[int, StatsKey] = {}
     out: dict[int, Tensor] = {}
+    arch = arch_of(model)
     if cache:
         cid = corpus_id(corpus)
         hashes = layer_hashes(model, layers)
         for layer in layers:
             keys[layer] = StatsKey(model_name(model), hashes[layer], layer, cid, n_tokens, seq_len, dtype)
             path = keys[layer].path(root)
-            if path.is_file():
-                try:
-                    out[layer] = load_file(str(path))["mom2"]
-                    log.info("second moments of layer %d read from %s", layer, path)
-                except Exception as err:  # a broken cache file is recomputed, not fatal
-                    log.warning("ignoring unreadable stats cache %s (%s)", path, err)
+            d_in = arch.mlp_dims(model, layer)[0]
+            found = read_cache(path, lambda p, d=d_in: load_tensors(p, {"mom2": (d, d)})["mom2"], "statistics")
+            if found is not None:
+                out[layer] = found
+                log.info("second moments of layer %d read from %s", layer, path)
     missing = [layer for layer in layers if layer not in out]
     if missing:
         log.info("measuring the second moments of layers %s on %s tokens (once per model and corpus; cached%s)",
@@ -349,12 +351,9 @@ def second_moments(
         for layer, mom2 in measured.items():
             out[layer] = mom2
             if cache:
-                path = keys[layer].path(root)
-                path.parent.mkdir(parents=True, exist_ok=True)
-                tmp = path.with_suffix(f".tmp{os.getpid()}")
                 meta = {**{k: str(v) for k, v in keys[layer].__dict__.items()}, "tokens_seen": str(seen),
                         "seconds": f"{dt:.2f}"}
-                save_file({"mom2": mom2.contiguous().cpu()}, str(tmp), metadata=meta)
-                os.replace(tmp, path)
+                write_cache(keys[layer].path(root),
+                            lambda tmp, mom2=mom2, meta=meta: save_tensors(tmp, {"mom2": mom2}, meta), "statistics")
     device = next(model.parameters()).device
     return {layer: out[layer].to(device) for layer in layers}

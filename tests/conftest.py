@@ -59,6 +59,16 @@ def smollm2():
     return load_model("smollm2-135m")
 
 
+@pytest.fixture(scope="session")
+def dead_pid() -> int:
+    """The id of a process that has exited (what a killed writer leaves in temp names)."""
+    import subprocess
+    import sys
+
+    return int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True, check=True).stdout)
+
+
 @pytest.fixture
 def tiny():
     """Factory: ``tiny(family)`` -> fresh (model, tokenizer)."""

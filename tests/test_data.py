@@ -323,6 +323,98 @@ def test_truncated_json_array(tmp_path):
     assert len(report.skipped) == 1 and report.skipped[0].index == 2
 
 
+def _numbered(n: int) -> list[dict]:
+    return [dict(NATIVE, target_new=f"City{i}") for i in range(n)]
+
+
+def test_skip_keeps_the_good_records_after_a_bad_first_record(tmp_path):
+    path = tmp_path / "first.json"
+    path.write_text(json.dumps([42, {"nonsense": 1}, *_numbered(3)]))
+    good, report = load_requests_with_report(path, on_error="skip")
+    assert [r.target_new for r in good] == ["City0", "City1", "City2"]
+    assert report.format == "kedit" and [e.index for e in report.skipped] == [0, 1]
+    assert "record 0: a record must be a JSON object, got int" in str(report.skipped[0])
+    with pytest.raises(RequestError, match="record 0: a record must be a JSON object"):
+        load_requests(path)
+
+
+def test_skip_recovers_the_records_after_a_syntax_error(tmp_path):
+    records = _numbered(6)
+    text = json.dumps(records, indent=1)
+    # record 1 loses a comma, record 3 gets a stray character, record 4 a 100k-deep value
+    text = text.replace('"City1"', '"City1" "x"', 1).replace('"City3"', '"City3" ?', 1)
+    text = text.replace('"City4"', "[" * 100_000 + "]" * 100_000, 1)
+    path = tmp_path / "broken.json"
+    path.write_text(text)
+    good, report = load_requests_with_report(path, on_error="skip")
+    assert [r.target_new for r in good] == ["City0", "City2", "City5"]
+    assert [e.index for e in report.skipped] == [1, 3, 4]
+    assert "3 records skipped" in report.summary()
+    for err in report.skipped:
+        assert f"file {path}" in str(err) and "invalid JSON at line" in str(err) and "column" in str(err)
+    assert "nested too deeply" in str(report.skipped[2])
+    path.write_text(json.dumps(_numbered(3)).replace("}, {", "} {", 1))  # a comma missing between records
+    good, report = load_requests_with_report(path, on_error="skip")
+    assert [r.target_new for r in good] == ["City0", "City1", "City2"] and report.skipped == []
+    path.write_text(json.dumps(_numbered(2))[:-1] + ",\n]")  # a trailing comma
+    good, report = load_requests_with_report(path, on_error="skip")
+    assert len(good) == 2 and report.skipped == []
+    with pytest.raises(RequestError, match=r"record 1|invalid JSON at line \d+, column"):
+        load_requests(path)
+
+
+def test_skip_refuses_what_it_cannot_recover(tmp_path):
+    """A missing quote hides where the records after it begin: skip says so and keeps nothing."""
+    text = json.dumps(_numbered(4), indent=1).replace('"City1"', 'City1"', 1)
+    path = tmp_path / "quote.json"
+    path.write_text(text)
+    with pytest.raises(RequestError) as err:
+        load_requests(path, on_error="skip")
+    message = str(err.value)
+    assert f"file {path}, record 1: invalid JSON at line" in message and "column" in message
+    assert "cannot skip only this record" in message and "1 records before it are intact" in message
+
+
+def test_skipped_records_keep_their_numbers(tmp_path):
+    lines = [json.dumps(NATIVE), "{broken", json.dumps(dict(NATIVE, target_new=""))]
+    (tmp_path / "e.jsonl").write_text("\n".join(lines))
+    _, report = load_requests_with_report(tmp_path / "e.jsonl", on_error="skip")
+    assert [e.index for e in report.skipped] == [1, 2]
+
+
+def test_deep_json_and_huge_numbers_are_request_errors(tmp_path):
+    deep = tmp_path / "deep.json"
+    deep.write_text("[" + json.dumps(NATIVE) + ", " + "[" * 100_000 + "]" * 100_000 + "]")
+    with pytest.raises(RequestError, match=r"record 1: invalid JSON at line 1, column \d+ .*nested too deeply"):
+        load_requests(deep)
+    deep.write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(RequestError, match=f"file {deep}, record 0: .*nested too deeply"):
+        load_requests(deep)
+    good, report = load_requests_with_report(deep, on_error="skip")
+    assert good == [] and [e.index for e in report.skipped] == [0]
+    big = tmp_path / "big.jsonl"
+    big.write_text(json.dumps(NATIVE) + "\n" + json.dumps(NATIVE)[:-1] + ', "case_id": ' + "7" * 5000 + "}")
+    with pytest.raises(RequestError, match=rf"file {big}, record 1: invalid JSON at line 2.*digits"):
+        load_requests(big)
+    long_id = tmp_path / "id.json"
+    long_id.write_text(json.dumps([dict(NATIVE, case_id=int("9" * 4000))]))
+    with pytest.raises(RequestError, match=rf"file {long_id}, record 0, field 'case_id': an integer of more than 18 digits"):
+        load_requests(long_id)
+
+
+@pytest.mark.parametrize("field", ["prompt", "subject", "target_new", "case_id"])
+def test_lone_surrogates_are_request_errors(tmp_path, field):
+    record = dict(NATIVE, case_id="c1")
+    record[field] = record[field][:1] + "\ud800" + record[field][1:]
+    path = tmp_path / "s.json"
+    path.write_text(json.dumps([NATIVE, record]))  # json.dumps writes "\\ud800"
+    with pytest.raises(RequestError, match=rf"record 1, field '{field}': not valid Unicode text.*lone surrogate"):
+        load_requests(path)
+    neighbor = dict(NATIVE, neighborhood=[{"prompt": "X\udfff is in", "answer": "Y"}])
+    with pytest.raises(RequestError, match=r"field 'neighborhood\[0\]\.prompt': not valid Unicode"):
+        load_requests([neighbor])
+
+
 def test_invalid_jsonl_line(tmp_path):
     path = tmp_path / "edits.jsonl"
     lines = [json.dumps(NATIVE), json.dumps(NATIVE)[:-5], json.dumps(dict(NATIVE, target_new="Lyon"))]

@@ -349,9 +349,9 @@ def test_bad_mode_and_empty():
 # --------------------------------------------------------------------------- CLI
 
 
-def test_cli_smoke(tiny, tmp_path, capsys, ppl_text):
-    from kedit.evaluate import main
-
+@pytest.fixture
+def cli_files(tiny, tmp_path):
+    """A saved tiny llama and a 3-record CounterFact file: (model folder, data file)."""
     model, tok = tiny("llama")
     model.save_pretrained(tmp_path / "model")
     tok.save_pretrained(tmp_path / "model")
@@ -366,9 +366,15 @@ def test_cli_smoke(tiny, tmp_path, capsys, ppl_text):
             ("{} plays", "Toko Yasuda", "soccer", "guitar"),
             ("{} plays", "Michael Jordan", "guitar", "basketball")])]
     (tmp_path / "cf.json").write_text(json.dumps(records))
+    return tmp_path / "model", tmp_path / "cf.json"
+
+
+def test_cli_smoke(cli_files, tmp_path, capsys, ppl_text):
+    from kedit.evaluate import main
+
     out = tmp_path / "res.json"
-    argv = ["--model", str(tmp_path / "model"), "--editor", "ft-m", "--hparams", "num_steps=3", "lr=1e-2",
-            "--data", str(tmp_path / "cf.json"), "--mode", "sequential", "--limit", "3", "--out", str(out),
+    argv = ["--model", str(cli_files[0]), "--editor", "ft-m", "--hparams", "num_steps=3", "lr=1e-2",
+            "--data", str(cli_files[1]), "--mode", "sequential", "--limit", "3", "--out", str(out),
             "--plot", str(tmp_path / "curve.png"), "--ppl-path", ppl_text, "--ppl-tokens", "32",
             "--fluency-tokens", "8", "--quiet", "--device", "cpu"]
     assert main(argv) == 0
@@ -378,12 +384,63 @@ def test_cli_smoke(tiny, tmp_path, capsys, ppl_text):
     assert data["meta"]["n_requests"] == 3 and data["meta"]["hparams"]["num_steps"] == 3
     assert data["meta"]["mode"] == "sequential" and len(data["curves"]) >= 2
     assert (tmp_path / "curve.png").stat().st_size > 0
-    with pytest.raises(SystemExit, match="no field"):
-        main(argv[:4] + ["--hparams", "nonsense=1"] + argv[6:])
+    assert main(argv[:4] + ["--hparams", "nonsense=1"] + argv[6:]) == 2
+    assert "error: --hparams: FTMHparams has no field 'nonsense'" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exc:
         main(["--help"])
     assert exc.value.code == 0
     assert "--editor" in capsys.readouterr().out
+
+
+def _one_line_error(capsys, *parts: str) -> str:
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "Traceback" not in err and err.startswith("python -m kedit.evaluate: error: ")
+    for part in parts:
+        assert part in err
+    return err
+
+
+@pytest.mark.parametrize("case", ["model", "untrained mend", "data", "bad record", "out"])
+def test_cli_user_errors_are_one_line(cli_files, tmp_path, capsys, monkeypatch, case):
+    """Expected user errors: exit code 2 and one line naming the problem, before any work."""
+    import kedit.eval
+    from kedit.evaluate import main
+
+    monkeypatch.setattr(kedit.eval, "evaluate", lambda *a, **k: pytest.fail("the evaluation ran"))
+    blocker = tmp_path / "blocker"
+    blocker.write_text("")
+    (tmp_path / "bad.json").write_text(json.dumps([{"prompt": "A is", "target_new": "\ud800"}]))
+    model, data = cli_files
+    base = {"--model": str(model), "--editor": "ft-m", "--data": str(data), "--out": str(tmp_path / "r.json")}
+    change, parts = {
+        "model": ({"--model": "nosuch-model"}, ["no model 'nosuch-model'", "smollm2-135m, gemma3-270m"]),
+        "untrained mend": ({"--editor": "mend"}, ["--editor mend", "checkpoints/mend-smollm2-135m-counterfact"]),
+        "data": ({"--data": str(tmp_path / "none.json")}, ["no data file at"]),
+        "bad record": ({"--data": str(tmp_path / "bad.json")}, ["record 0, field 'target_new'", "lone surrogate"]),
+        "out": ({"--out": str(blocker / "r.json")}, [f"--out {blocker / 'r.json'}: cannot write"]),
+    }[case]
+    argv = [x for k, v in {**base, **change}.items() for x in (k, v)] + ["--quiet", "--device", "cpu"]
+    assert main(argv) == 2
+    _one_line_error(capsys, *parts)
+
+
+def test_cli_prints_the_table_before_writing(cli_files, tmp_path, capsys, monkeypatch):
+    """A results file that cannot be written at the end still leaves the table on stdout."""
+    import kedit.atomic
+    from kedit.evaluate import main
+
+    def full_disk(path, text):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(kedit.atomic, "atomic_write_text", full_disk)
+    out = tmp_path / "res.json"
+    argv = ["--model", str(cli_files[0]), "--editor", "ft-m", "--hparams", "num_steps=1", "--data", str(cli_files[1]),
+            "--limit", "1", "--out", str(out), "--no-perplexity", "--no-generation", "--no-fluency", "--quiet",
+            "--device", "cpu"]
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    assert "| metric | pre | post | n |" in captured.out and not out.exists()
+    assert "No space left on device" in captured.err and "the table above has them" in captured.err
 
 
 # --------------------------------------------------------------------------- real model

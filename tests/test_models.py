@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 
 import pytest
 import torch
 
 from kedit.models import ARCHS, UnsupportedArchitecture, arch_of, cache_dir, get_module, load_model
-from kedit.models.loading import MissingModelPackage, resolve
+from kedit.models.loading import MissingModelPackage, ModelNotFound, resolve
 from kedit.testing import FAMILIES, tiny_model
 
 # MLP sizes of each family's config: (intermediate size, hidden size)
@@ -199,6 +200,76 @@ def test_kedit_cache_env(monkeypatch, tmp_path, saved_tiny):
     torch.testing.assert_close(_logits(loaded, loaded_tok), _logits(model, tok))
     monkeypatch.delenv("KEDIT_CACHE")
     assert cache_dir().name == "kedit" and cache_dir().parent.name == ".cache"
+
+
+def test_unknown_model_name_lists_the_offline_models(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelNotFound) as err:
+        load_model("nosuch-model")
+    message = str(err.value)
+    assert "no model 'nosuch-model'" in message and "smollm2-135m, gemma3-270m" in message
+    assert "\n" not in message and err.value.__cause__ is None and err.value.__suppress_context__
+
+
+@pytest.fixture
+def fake_offline(monkeypatch, tmp_path, saved_tiny):
+    """An offline model "fake" whose "dequantization" copies the saved tiny llama; counts calls."""
+    import shutil
+
+    import kedit.atomic
+    import kedit.models.loading as loading
+
+    folder = saved_tiny[0]
+    gguf = tmp_path / "gguf" / "fake.gguf"
+    gguf.parent.mkdir()
+    gguf.write_bytes(b"")
+    calls = []
+
+    def dequantize(path, out):
+        calls.append(path)
+        shutil.copytree(folder, out)
+
+    monkeypatch.setitem(loading.OFFLINE_MODELS, "fake", loading.OfflineModel(lambda: gguf, "test"))
+    monkeypatch.setattr(loading, "_save_gguf_as_hf", dequantize)
+    monkeypatch.setattr(kedit.atomic, "_WARNED", set())
+    monkeypatch.setenv("KEDIT_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache" / "models" / "fake", gguf, calls
+
+
+def test_dequantized_cache_is_atomic_and_tolerant(fake_offline, caplog):
+    cached, gguf, calls = fake_offline
+    assert resolve("fake") == (str(cached), {}) and len(calls) == 1
+    assert resolve("fake") == (str(cached), {}) and len(calls) == 1  # a hit
+    assert sorted(p.name for p in cached.parent.iterdir()) == ["fake"]  # no temporaries left
+    (cached / "model.safetensors").write_bytes(b"\x00" * 16)  # damaged: dequantized again, one warning
+    assert resolve("fake") == (str(cached), {}) and len(calls) == 2
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "dequantized model cache" in warnings[0] and "damaged" in warnings[0]
+    load_model("fake")
+
+
+def test_dequantized_cache_unwritable_loads_the_gguf(fake_offline, caplog, tmp_path, monkeypatch):
+    cached, gguf, calls = fake_offline
+    (tmp_path / "blocker").write_text("")
+    monkeypatch.setenv("KEDIT_CACHE", str(tmp_path / "blocker"))
+    assert resolve("fake") == (str(gguf.parent), {"gguf_file": gguf.name}) and calls == []
+    assert resolve("fake") == (str(gguf.parent), {"gguf_file": gguf.name})
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "cannot write the dequantized model cache" in warnings[0]
+
+
+def test_killed_dequantization_leftovers_are_removed(fake_offline, dead_pid):
+    """A killed first load leaves a hidden partial folder (hundreds of MB): the next load removes it."""
+    from kedit.atomic import temp_path
+
+    cached, gguf, calls = fake_offline
+    cached.parent.mkdir(parents=True)
+    left = temp_path(cached)
+    left = left.with_name(left.name.replace(f"-{os.getpid()}-", f"-{dead_pid}-"))
+    left.mkdir()
+    (left / "model.safetensors").write_bytes(b"partial")
+    assert resolve("fake") == (str(cached), {})
+    assert sorted(p.name for p in cached.parent.iterdir()) == ["fake"]
 
 
 # --------------------------------------------------------------------------- real models

@@ -4,6 +4,7 @@ real edit of SmolLM2-135M ("The capital of France is" -> " Rome") under greedy d
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import pytest
 import torch
@@ -243,3 +244,52 @@ def test_smollm2_france_rome(smollm2, tmp_path_factory, config):
         assert greedy(model, tok, "The capital of France is").startswith(" Rome")
         assert greedy(model, tok, "The capital of Germany is").startswith(" Berlin")
     assert_state_equal(model, state)  # restore is bit-exact
+
+
+# --------------------------------------------------------------------------- caches
+
+
+@pytest.fixture
+def fresh_cache(tmp_path, monkeypatch):
+    """An empty $KEDIT_CACHE, no templates in memory, and the caches' first warnings again."""
+    import kedit.atomic
+    import kedit.editors.locate as locate
+
+    monkeypatch.setenv("KEDIT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(locate, "_TEMPLATES", {})
+    monkeypatch.setattr(kedit.atomic, "_WARNED", set())
+    return tmp_path / "cache"
+
+
+def _warnings(caplog, what):
+    return [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and what in r.getMessage()]
+
+
+def test_damaged_templates_cache_is_regenerated(tiny, fresh_cache, caplog, monkeypatch):
+    """A truncated templates file (a killed write before writes were atomic) costs one
+    warning and a regeneration, not every ROME/MEMIT/AlphaEdit edit of that model."""
+    import kedit.editors.locate as locate
+
+    model, tok = tiny("llama")
+    templates = context_templates(model, tok, [(2, 5)], seed=0)
+    (path,) = (fresh_cache / "templates").glob("*.json")
+    path.write_text(path.read_text()[:20])
+    monkeypatch.setattr(locate, "_TEMPLATES", {})
+    assert context_templates(model, tok, [(2, 5)], seed=0) == templates
+    warnings = _warnings(caplog, "context templates")
+    assert len(warnings) == 1 and "damaged" in warnings[0] and str(path) in warnings[0]
+    assert json.loads(path.read_text()) == templates and [p.name for p in path.parent.iterdir()] == [path.name]
+
+
+def test_rome_edits_with_an_unwritable_cache(tiny, fresh_cache, caplog):
+    """$KEDIT_CACHE that is not a folder: the edit is made, each cache warns once."""
+    fresh_cache.write_text("")
+    model, tok = tiny("llama")
+    editor = ROME.for_contract_tests(model, tok)
+    editor.hparams = dataclasses.replace(editor.hparams, v_steps=5, stats_tokens=300)
+    p0 = logprob(model, tok, [FRANCE])
+    edit = editor.edit(model, tok, [FRANCE])
+    with edit.applied(model):
+        assert logprob(model, tok, [FRANCE]) > p0
+    assert len(_warnings(caplog, "cannot write the context templates cache")) == 1
+    assert len(_warnings(caplog, "cannot write the statistics cache")) == 1

@@ -83,6 +83,62 @@ def test_cache_hit_miss_and_key(tiny, tmp_path, monkeypatch):
         assert len(calls) == n_calls + 1
 
 
+def _stats_warnings(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and "statistics" in r.getMessage()]
+
+
+@pytest.fixture
+def fresh_warnings(monkeypatch):
+    """Each test sees the first warning of kedit.atomic's one-warning-per-process caches."""
+    import kedit.atomic
+
+    monkeypatch.setattr(kedit.atomic, "_WARNED", set())
+
+
+def test_unwritable_cache_keeps_the_statistics(tiny, tmp_path, caplog, fresh_warnings):
+    """A cache that cannot be written costs the caching, not the statistics: one warning."""
+    model, tok = tiny("llama")
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("")
+    kw = dict(n_tokens=200, seq_len=32, cache_dir=blocker / "stats", progress=False)
+    got = second_moments(model, tok, [0, 1], TEXTS, **kw)
+    again = second_moments(model, tok, [1], TEXTS, **kw)
+    expected = second_moments(model, tok, [0, 1], TEXTS, **{**kw, "cache": False})
+    for layer in (0, 1):
+        torch.testing.assert_close(got[layer], expected[layer])
+    torch.testing.assert_close(again[1], expected[1])
+    warnings = _stats_warnings(caplog)
+    assert len(warnings) == 1 and "going on without caching" in warnings[0]
+
+
+@pytest.mark.parametrize("damage", ["shape", "bit", "truncated", "no checksum"])
+def test_damaged_cache_is_recomputed(tiny, tmp_path, caplog, fresh_warnings, damage):
+    from safetensors.torch import load_file, save_file
+
+    model, tok = tiny("llama")
+    kw = dict(n_tokens=200, seq_len=32, cache_dir=tmp_path, progress=False)
+    good = second_moments(model, tok, [1], TEXTS, **kw)[1]
+    (path,) = tmp_path.rglob("*.safetensors")
+    if damage == "shape":  # a consistent file (valid checksum) of the wrong shape
+        from kedit.atomic import save_tensors
+
+        save_tensors(path, {"mom2": torch.eye(3)})
+    elif damage == "bit":
+        data = bytearray(path.read_bytes())
+        data[-5] ^= 0x10
+        path.write_bytes(bytes(data))
+    elif damage == "truncated":
+        path.write_bytes(path.read_bytes()[:-7])
+    else:  # written without kedit's checksum
+        save_file({"mom2": load_file(path)["mom2"] * 2}, str(path))
+    got = second_moments(model, tok, [1], TEXTS, **kw)[1]
+    torch.testing.assert_close(got, good)
+    warnings = _stats_warnings(caplog)
+    assert len(warnings) == 1 and "damaged" in warnings[0] and str(path) in warnings[0]
+    assert torch.equal(second_moments(model, tok, [1], TEXTS, **kw)[1], got)  # rewritten
+    assert len(_stats_warnings(caplog)) == 1
+
+
 def test_model_untouched_and_forward_stops_early(tiny):
     model, tok = tiny("gpt2")
     state = {k: v.clone() for k, v in model.state_dict().items()}

@@ -37,7 +37,14 @@ Targets are stripped of surrounding whitespace (some zsRE targets carry a leadin
 Validation (:class:`RequestError` naming source, record index and field): the subject
 must occur in the prompt, targets must be non-empty and ``target_new != target_true``,
 every field must have its type. ``on_error="raise"`` stops at the first bad record;
-``on_error="skip"`` keeps the good ones and lists the bad ones in a :class:`LoadReport`.
+``on_error="skip"`` keeps the good ones and lists the bad ones in a :class:`LoadReport`,
+numbered as in the source: a bad first record does not stop the load (the format comes
+from the first record that has one), and in a JSON array with syntax errors every element
+that parses is kept and every one that does not is one skipped record. Where the damage
+hides where the next records begin (a missing quote or bracket), skip refuses with a
+:class:`RequestError` naming the line and column, rather than guess. Strings must be
+encodable (no lone surrogates), integer ids have at most 18 digits, and JSON nested too
+deeply to read is a RequestError for its record.
 """
 
 from __future__ import annotations
@@ -46,6 +53,8 @@ import dataclasses
 import json
 import logging
 import os
+import re
+import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -100,54 +109,142 @@ def _json_error(src: str, err: json.JSONDecodeError, *, line: int | None = None,
     return RequestError(f"invalid JSON at {where} (char {err.pos}): {err.msg}", source=src, index=index)
 
 
-def _read_json_array(text: str, src: str, on_error: OnError, report: LoadReport) -> list[Any]:
+def _loads_error(text: str, pos: int, err: Exception) -> json.JSONDecodeError:
+    """A JSONDecodeError (line, column) for what the json module raises as something else:
+    RecursionError (nesting too deep) or ValueError (an integer of more than 4,300 digits)."""
+    if isinstance(err, json.JSONDecodeError):
+        return err
+    if isinstance(err, RecursionError):
+        return json.JSONDecodeError("nested too deeply to read", text, pos)
+    digits = re.compile(r"\d{%d,}" % (sys.get_int_max_str_digits() + 1)).search(text, pos)
+    return json.JSONDecodeError(f"unreadable value ({str(err).split(';')[0]})", text,
+                                digits.start() if digits else pos)
+
+
+_JSON_ERRORS = (json.JSONDecodeError, RecursionError, ValueError)
+
+
+def _read_json_array(text: str, src: str, on_error: OnError, report: LoadReport) -> list[tuple[int, Any]]:
     try:
         data = json.loads(text)
-    except json.JSONDecodeError as err:
-        if on_error == "raise":
+    except _JSON_ERRORS as err:
+        if on_error == "skip":
+            return _recover_array(text, src, report)
+        if isinstance(err, json.JSONDecodeError):
             raise _json_error(src, err) from None
-        # keep the records before the damage (a truncated download still has them)
-        good = _array_prefix(text)
-        report.skipped.append(_json_error(src, err, index=len(good)))
-        log.warning("%s: invalid JSON (%s); keeping the %d records before it", src, err, len(good))
-        return good
+        # too deep / too long a number: the recovery finds the record it is in
+        found = LoadReport(src)
+        _recover_array(text, src, found)
+        raise (found.skipped[0] if found.skipped else _json_error(src, _loads_error(text, 0, err))) from None
     if not isinstance(data, list):
         raise RequestError(f"expected a JSON array of records, got {type(data).__name__}", source=src)
-    return data
+    return list(enumerate(data))
 
 
-def _array_prefix(text: str) -> list[Any]:
-    """The complete elements of a JSON array before the first error."""
-    decoder, out = json.JSONDecoder(), []
-    i = text.index("[") + 1
-    n = len(text)
-    while True:
-        while i < n and text[i] in " \t\r\n":
+_SPACE = " \t\r\n"
+
+
+def _skip_space(text: str, i: int) -> int:
+    while i < len(text) and text[i] in _SPACE:
+        i += 1
+    return i
+
+
+def _element_end(text: str, i: int) -> int | None:
+    """Where the array element starting at ``i`` ends (its ``,`` or the array's ``]``),
+    reading only strings and brackets, so that other syntax errors inside it do not matter.
+    None when the file ends first (a cut, or a quote or bracket missing)."""
+    depth, n = 0, len(text)
+    while i < n:
+        c = text[i]
+        if c == '"':
             i += 1
-        if i >= n or text[i] == "]":
+            while i < n and text[i] != '"':
+                i += 2 if text[i] == "\\" else 1
+            if i >= n:
+                return None
+        elif c in "[{":
+            depth += 1
+        elif c in "]}" and depth > 0:
+            depth -= 1
+        elif c in ",]" and depth == 0:
+            return i
+        i += 1
+    return None
+
+
+_VALUE_START = '{["-0123456789tfnNI'
+
+
+def _recover_array(text: str, src: str, report: LoadReport) -> list[tuple[int, Any]]:
+    """``on_error="skip"`` for a JSON array with syntax errors: every element that parses is
+    kept, every one that does not is one skipped record in ``report``, numbered as in the
+    file. A damaged element's extent is found from strings and brackets alone. When that
+    cannot tell where it ends (the file ends inside it: a cut, or a missing quote or
+    bracket), the records after it cannot be told apart: a cut at the end of the file loses
+    only the last record; damage earlier in the file is a RequestError that says so."""
+    decoder, out = json.JSONDecoder(), []
+    i, n, index = _skip_space(text, text.index("[") + 1), len(text), 0
+    if text[i:i + 1] == "]":
+        return out
+    while i < n:
+        if text[i] == "]" and index > 0:  # a trailing comma
+            log.warning("%s: a ',' after the last record (char %d)", src, i)
             return out
         try:
-            value, i = decoder.raw_decode(text, i)
-        except json.JSONDecodeError:
-            return out
-        out.append(value)
-        while i < n and text[i] in " \t\r\n":
-            i += 1
-        if i < n and text[i] == ",":
-            i += 1
+            value, end = decoder.raw_decode(text, i)
+        except _JSON_ERRORS as raw:
+            err = _loads_error(text, i, raw)
+            j = _element_end(text, i)
+            if j is None:
+                cut = not text[err.pos:].strip() or (err.msg.startswith("Unterminated string")
+                                                     and '"' not in text[err.pos + 1:])
+                if not cut:
+                    raise RequestError(
+                        f"invalid JSON at line {err.lineno}, column {err.colno} (char {err.pos}): {err.msg}; "
+                        "on_error='skip' cannot tell the records after it apart (a quote or bracket is "
+                        f"missing) and so cannot skip only this record: fix the file ({len(out)} records "
+                        "before it are intact)", source=src, index=index) from None
+                report.skipped.append(RequestError(
+                    f"invalid JSON at line {err.lineno}, column {err.colno} (char {err.pos}): {err.msg} "
+                    "(the file ends inside this record)", source=src, index=index))
+                log.warning("%s: the file ends inside record %d; keeping the %d records before it",
+                            src, index, len(out))
+                return out
+            report.skipped.append(_json_error(src, err, index=index))
         else:
+            out.append((index, value))
+            j = _skip_space(text, end)
+            if j < n and text[j] in _VALUE_START:  # a missing comma: the next element follows
+                log.warning("%s: no ',' after record %d (char %d)", src, index, j)
+                i, index = j, index + 1
+                continue
+            if j < n and text[j] not in ",]":
+                log.warning("%s: ignoring unexpected text after record %d (char %d)", src, index, j)
+                j = _element_end(text, j)
+        index += 1
+        if j is None or j >= n:
+            break
+        if text[j] == "]":
+            if text[j + 1:].strip():
+                log.warning("%s: ignoring text after the array's end (char %d)", src, j + 1)
             return out
+        i = _skip_space(text, j + 1)
+    report.skipped.append(RequestError("the file ends before the array's closing ']' (cut?)", source=src,
+                                       index=index))
+    return out
 
 
-def _read_jsonl(text: str, src: str, on_error: OnError, report: LoadReport) -> list[Any]:
-    out = []
+def _read_jsonl(text: str, src: str, on_error: OnError, report: LoadReport) -> list[tuple[int, Any]]:
+    out, index = [], -1
     for lineno, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
+        index += 1
         try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError as err:
-            error = _json_error(src, err, line=lineno, index=len(out))
+            out.append((index, json.loads(line)))
+        except _JSON_ERRORS as err:
+            error = _json_error(src, _loads_error(line, 0, err), line=lineno, index=index)
             if on_error == "raise":
                 raise error from None
             report.skipped.append(error)
@@ -157,6 +254,12 @@ def _read_jsonl(text: str, src: str, on_error: OnError, report: LoadReport) -> l
 def read_records(path: str | os.PathLike, on_error: OnError = "raise",
                  report: LoadReport | None = None) -> list[Any]:
     """The records of a JSON array or JSONL file (detected from the content, not the suffix)."""
+    return [rec for _, rec in _read_file(path, on_error, report)]
+
+
+def _read_file(path: str | os.PathLike, on_error: OnError = "raise",
+               report: LoadReport | None = None) -> list[tuple[int, Any]]:
+    """(index in the file, record) pairs: a record skipped as unreadable keeps its number."""
     path = Path(path).expanduser()
     src = str(path)
     report = report if report is not None else LoadReport(src)
@@ -171,27 +274,27 @@ def read_records(path: str | os.PathLike, on_error: OnError = "raise",
         return _read_json_array(text, src, on_error, report)
     if head == "{":
         try:
-            whole = json.loads(text)  # one pretty-printed record
-        except json.JSONDecodeError:
+            return [(0, json.loads(text))]  # one pretty-printed record
+        except _JSON_ERRORS:
             return _read_jsonl(text, src, on_error, report)
-        return [whole] if isinstance(whole, dict) else whole
     if not head:
         raise RequestError("the file is empty", source=src)
     raise RequestError(f"expected a JSON array or JSON lines, the file starts with {text.lstrip()[:20]!r}",
                        source=src)
 
 
-def _records(source: Any, on_error: OnError, report: LoadReport) -> Iterable[Any]:
+def _records(source: Any, on_error: OnError, report: LoadReport) -> Iterable[tuple[int, Any]]:
+    """(index, record) pairs of any source."""
     if isinstance(source, (str, os.PathLike)):
-        return read_records(source, on_error, report)
+        return _read_file(source, on_error, report)
     if _is_hf_dataset(source):
         if not hasattr(source, "column_names") or isinstance(getattr(source, "column_names"), dict):
             raise TypeError("pass one split of a DatasetDict, e.g. ds['train']")
-        return source
+        return enumerate(source)
     if isinstance(source, (EditRequest, Mapping)):
-        return [source]
+        return [(0, source)]
     if isinstance(source, Iterable):
-        return source
+        return enumerate(source)
     raise TypeError(f"cannot read edit requests from a {type(source).__name__}; give a path, "
                     "a list of dicts / EditRequests or a datasets.Dataset")
 
@@ -199,12 +302,13 @@ def _records(source: Any, on_error: OnError, report: LoadReport) -> Iterable[Any
 # --------------------------------------------------------------------------- formats
 
 
-def detect_format(record: Any, source: str | None = None) -> str:
+def detect_format(record: Any, source: str | None = None, index: int = 0) -> str:
     """The format of a record, from its keys (see the module docstring)."""
     if isinstance(record, EditRequest):
         return "kedit"
     if not isinstance(record, Mapping):
-        raise RequestError(f"a record must be a JSON object, got {type(record).__name__}", source=source, index=0)
+        raise RequestError(f"a record must be a JSON object, got {type(record).__name__}", source=source,
+                           index=index)
     keys = set(record)
     if "requested_rewrite" in keys:
         return "mquake" if isinstance(record["requested_rewrite"], list) else "counterfact"
@@ -218,7 +322,7 @@ def detect_format(record: Any, source: str | None = None) -> str:
         return "kedit"
     raise RequestError(
         f"unknown record format with keys {sorted(keys)}; known formats: {', '.join(FORMATS)} "
-        "(EditRequest fields need at least 'prompt' and 'target_new')", source=source, index=0)
+        "(EditRequest fields need at least 'prompt' and 'target_new')", source=source, index=index)
 
 
 class _Record:
@@ -463,7 +567,21 @@ def _check_str(value: Any, name: str, err: Callable[[str, str], RequestError], *
         value = value.strip()
     if not value.strip():
         raise err(name, "empty")
+    _check_encodable(value, name, err)
     return value
+
+
+def _check_encodable(value: str, name: str, err: Callable[[str, str], RequestError]) -> None:
+    """Tokenizers take UTF-8: a lone surrogate ("\\ud800" in JSON) cannot be encoded."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise err(name, f"not valid Unicode text: {value[e.start]!r} at character {e.start} is a lone "
+                        "surrogate (half of a UTF-16 pair), which no tokenizer can encode") from None
+
+
+CASE_ID_DIGITS = 18
+"""Longest integer ``case_id`` (ids are printed and stored in JSON results; int64 fits)."""
 
 
 def _check_probes(value: Any, name: str, err: Callable[[str, str], RequestError]) -> list[Probe]:
@@ -529,6 +647,11 @@ def validate(kw: Mapping[str, Any], names: Mapping[str, str] | None = None, *, s
     case_id = kw.get("case_id")
     if case_id is not None and (isinstance(case_id, bool) or not isinstance(case_id, (int, str))):
         raise err("case_id", f"expected an int or string, got {type(case_id).__name__}")
+    if isinstance(case_id, int) and abs(case_id) >= 10 ** CASE_ID_DIGITS:
+        raise err("case_id", f"an integer of more than {CASE_ID_DIGITS} digits (use a string for "
+                             "longer ids)")
+    if isinstance(case_id, str):
+        _check_encodable(case_id, "case_id", err)
     return EditRequest(
         prompt=prompt, target_new=target_new, subject=subject, target_true=target_true,
         paraphrase_prompts=lists["paraphrase_prompts"], generation_prompts=lists["generation_prompts"],
@@ -546,21 +669,20 @@ def _convert(rec: Any, fmt: str, src: str | None, index: int) -> list[EditReques
     return [validate(kw, names, source=src, index=index) for kw, names in converted]
 
 
-def _iter_requests(records: Iterable[Any], fmt: str, src: str | None, on_error: OnError,
+def _iter_requests(records: Iterable[tuple[int, Any]], fmt: str, src: str | None, on_error: OnError,
                    report: LoadReport, limit: int | None) -> Iterator[EditRequest]:
     if on_error not in ("raise", "skip"):
         raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
     if fmt != "auto" and fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r}; use 'auto' or one of {', '.join(FORMATS)}")
     n = 0
-    for index, rec in enumerate(records):
+    for index, rec in records:
         if limit is not None and n >= limit:
             return
         report.records += 1
-        if fmt == "auto":
-            fmt = detect_format(rec, src)
-            report.format = fmt
         try:
+            if fmt == "auto":  # from the first record that has a known format
+                fmt = report.format = detect_format(rec, src, index)
             requests = _convert(rec, fmt, src, index)
         except RequestError as err:
             if on_error == "raise":
@@ -628,7 +750,7 @@ def to_requests(records: Any, source: str | None = None, on_error: OnError = "ra
     report = LoadReport(source or "<records>")
     if isinstance(records, (EditRequest, Mapping)):
         records = [records]
-    return list(_iter_requests(records, format, source, on_error, report, None))
+    return list(_iter_requests(enumerate(records), format, source, on_error, report, None))
 
 
 # --------------------------------------------------------------------------- MQuAKE cases
@@ -657,7 +779,7 @@ def load_mquake_cases(source: Any, on_error: OnError = "raise", limit: int | Non
     src = _describe(source)
     report = LoadReport(src or "<records>", format="mquake")
     cases = []
-    for index, rec in enumerate(_records(source, on_error, report)):
+    for index, rec in _records(source, on_error, report):
         if limit is not None and len(cases) >= limit:
             break
         try:

@@ -150,7 +150,7 @@ def _download(name: str, split: str, hub: Hub) -> list[dict]:
         raise DatasetUnavailable(_how_to(name, split, "loading it from the hub needs `pip install datasets`")) from None
     local_repo = Path(hub.repo).expanduser().exists()  # a local dataset folder (tests, mirrors)
     if not local_repo:
-        reason = hub_unreachable(hub.repo, hub.revision)
+        reason = paths.hub_unreachable(hub.repo, hub.revision)
         if reason:
             raise DatasetUnavailable(_how_to(name, split, f"the Hugging Face hub is not reachable for "
                                                           f"{hub.repo}@{hub.revision}: {reason}"))
@@ -163,22 +163,4 @@ def _download(name: str, split: str, hub: Hub) -> list[dict]:
     return [dict(row) for row in ds]
 
 
-def hub_unreachable(repo: str, revision: str = "main", timeout: float = 5.0) -> str | None:
-    """None when the hub answers for dataset ``repo``; else a one-line reason (offline mode,
-    no network, unknown id). One request, no retries."""
-    from huggingface_hub import constants
-
-    if constants.HF_HUB_OFFLINE:
-        return "HF_HUB_OFFLINE is set"
-    try:
-        from huggingface_hub import HfApi
-
-        HfApi().dataset_info(repo, revision=revision, timeout=timeout)
-    except Exception as err:  # noqa: BLE001
-        return _one_line(err)
-    return None
-
-
-def _one_line(err: BaseException) -> str:
-    text = " ".join(str(err).split()) or type(err).__name__
-    return text if len(text) <= 200 else text[:197] + "..."
+_one_line = paths.one_line

@@ -31,10 +31,12 @@ import logging
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
+from kedit.atomic import read_cache, write_cache
 from kedit.data.encode import IGNORE, encode, target_logprobs
 from kedit.data.request import EditRequest, RequestError
 from kedit.hooks import run_until, trace
@@ -137,9 +139,12 @@ def context_templates(model: nn.Module, tokenizer, lengths: Sequence[Sequence[in
     from kedit.models.loading import cache_dir
 
     path = cache_dir() / "templates" / f"{key}.json"
-    if cache and path.is_file():
-        _TEMPLATES[key] = json.loads(path.read_text())
-        return _TEMPLATES[key]
+    n_templates = 1 + sum(max(1, count // len(TEMPLATE_PREFIXES)) * len(TEMPLATE_PREFIXES)
+                          for _, count in lengths)
+    cached = read_cache(path, lambda p: _read_templates(p, n_templates), "context templates") if cache else None
+    if cached is not None:
+        _TEMPLATES[key] = cached
+        return cached
     templates = ["{}"]
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -156,12 +161,17 @@ def context_templates(model: nn.Module, tokenizer, lengths: Sequence[Sequence[in
                     templates.append(text.replace("{", " ").replace("}", " ") + ". {}")
     _TEMPLATES[key] = templates
     if cache:
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps(templates, indent=1))
-        except OSError as err:
-            log.warning("could not cache templates in %s (%s)", path, err)
+        write_cache(path, lambda tmp: tmp.write_text(json.dumps(templates, indent=1)), "context templates")
     log.info("generated %d context templates for %s", len(templates), key)
+    return templates
+
+
+def _read_templates(path: Path, n: int) -> list[str]:
+    """A cached template list, checked: ``n`` strings, ``"{}"`` first, one slot each."""
+    templates = json.loads(path.read_text(encoding="utf-8"))
+    if (not isinstance(templates, list) or len(templates) != n or templates[:1] != ["{}"]
+            or not all(isinstance(t, str) and t.count("{}") == 1 for t in templates)):
+        raise ValueError(f"expected a list of {n} templates with one '{{}}' each, starting with '{{}}'")
     return templates
 
 

@@ -2,16 +2,17 @@
 
 The offline models ship inside PyPI packages as GGUF files. transformers dequantizes them
 to float32 (slow: tens of seconds), so the first load writes a safetensors HF folder to
-the cache (``$KEDIT_CACHE``, default ``~/.cache/kedit``) and later loads read that.
+the cache (``$KEDIT_CACHE``, default ``~/.cache/kedit``) and later loads read that. The
+folder is written atomically (what a killed write leaves is removed on the next load), a
+damaged one is written again, and an unwritable cache means loading the GGUF file itself.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import os
-import shutil
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,8 @@ from pathlib import Path
 import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
+
+from kedit.atomic import cache_writable, read_cache, sweep_temporaries, write_cache
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +37,10 @@ def cache_dir() -> Path:
 
 class MissingModelPackage(ImportError):
     pass
+
+
+class ModelNotFound(FileNotFoundError):
+    """A model name that is no offline model, no local path, and not on the reachable hub."""
 
 
 def _package_dir(package: str, install: str) -> Path:
@@ -98,18 +105,38 @@ def _auto_class(config) -> type:
     return AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
 
 
-def _dequantized_folder(name: str, gguf: Callable[[], Path]) -> Path:
-    """The cached float32 HF folder of a GGUF model, writing it on first use.
+def _dequantized_folder(name: str, gguf: Callable[[], Path]) -> tuple[str, dict]:
+    """Where to load an offline model from: the cached float32 HF folder, written on first use.
 
     ``gguf`` is only called on a cache miss: locating (for Gemma, assembling and hashing)
-    the GGUF file costs seconds that a cache hit does not need.
+    the GGUF file costs seconds that a cache hit does not need. A damaged cached folder is
+    dequantized again; when the cache cannot be written, the GGUF file itself is loaded
+    (transformers dequantizes it on every load), with one warning.
     """
     folder = cache_dir() / "models" / name
-    if (folder / "model.safetensors").is_file() and (folder / "config.json").is_file():
-        return folder
+    sweep_temporaries(folder.parent, cache=True)  # what killed writes left (a model is hundreds of MB)
+    if read_cache(folder, _check_model_folder, "dequantized model") is not None:
+        return str(folder), {}
     path = gguf()
+    direct = str(path.parent), {"gguf_file": path.name}
+    if not cache_writable(folder.parent, "dequantized model"):
+        return direct
     log.info("dequantizing %s from %s (once; cached in %s)", name, path, folder)
-    _save_gguf_as_hf(path, folder)
+    if write_cache(folder, lambda tmp: _save_gguf_as_hf(path, tmp), "dequantized model"):
+        return str(folder), {}
+    return direct
+
+
+def _check_model_folder(folder: Path) -> Path:
+    """A cached model folder that can be read: its config and the weights' header parse."""
+    from safetensors import safe_open
+
+    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    if not isinstance(config, dict) or "model_type" not in config:
+        raise ValueError("config.json has no model_type")
+    with safe_open(str(folder / "model.safetensors"), framework="pt") as f:
+        if not list(f.keys()):
+            raise ValueError("model.safetensors holds no tensors")
     return folder
 
 
@@ -126,25 +153,15 @@ def _save_gguf_as_hf(gguf: Path, folder: Path) -> None:
     if missing or unexpected:
         raise RuntimeError(f"dequantized state dict of {gguf} does not fit its config: "
                            f"missing {missing[:5]}, unexpected {unexpected[:5]}")
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    # write to a temp folder and rename, so an interrupted write never leaves a half cache
-    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}-"))
-    try:
-        fresh.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        if folder.exists():
-            shutil.rmtree(folder)
-        tmp.rename(folder)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+    fresh.save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
 
 
 def resolve(name_or_path: str | os.PathLike) -> tuple[str, dict]:
     """Where ``load_model`` reads from: (path or hub id, extra from_pretrained kwargs)."""
     name = str(name_or_path)
     if name in OFFLINE_MODELS:
-        return str(_dequantized_folder(name, OFFLINE_MODELS[name].gguf)), {}
+        return _dequantized_folder(name, OFFLINE_MODELS[name].gguf)
     path = Path(name).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():
@@ -172,7 +189,23 @@ def load_model(
     folder, a ``.gguf`` file, or a Hugging Face hub id.
     """
     where, kwargs = resolve(name_or_path)
-    config = AutoConfig.from_pretrained(where, **kwargs)
+    hub_id = where == str(name_or_path) and not Path(where).expanduser().exists()
+    reason = None
+    if hub_id:  # ask the hub once, quickly; unreachable: only a copy in the HF cache can serve
+        from kedit.paths import hub_unreachable
+
+        reason = hub_unreachable(where, revision=None, repo_type="model")
+        if reason:
+            kwargs = {**kwargs, "local_files_only": True}
+    try:
+        config = AutoConfig.from_pretrained(where, **kwargs)
+    except OSError as err:
+        if not hub_id:
+            raise
+        raise ModelNotFound(
+            f"no model {where!r}: not an offline model ({', '.join(OFFLINE_MODELS)}), not a local folder or "
+            f".gguf file, and the Hugging Face hub cannot provide it ({reason or str(err).splitlines()[0]})"
+        ) from None
     model = _auto_class(config).from_pretrained(where, dtype=_dtype(dtype), **kwargs)
     tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
     if tokenizer.pad_token_id is None:
