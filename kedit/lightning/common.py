@@ -1,6 +1,10 @@
 """Lightning pieces shared by the learned editors (MEND, SERAC).
 
 * :class:`WandbLogger`: Lightning's W&B logger that goes offline when no W&B key is set up.
+* :func:`import_wandb`: W&B's temporary folders go to ``$TMPDIR/kedit-wandb/<host>-<pid>``, where
+  the next run removes those of killed processes.
+* :class:`TrainSetupError`: a run that cannot start as configured (missing data file, nothing to
+  resume); ``python -m kedit.train`` prints it as one line.
 * :class:`EditorCheckpointMixin`: checkpoints hold the editor only, never the frozen base
   model, plus the base model's identity; loading onto another base model is refused.
 * :class:`ExportEditor` / :func:`export_checkpoint`: write an editor artifact
@@ -13,6 +17,12 @@ from __future__ import annotations
 import logging
 import netrc
 import os
+import shutil
+import socket
+import sys
+import tempfile
+import weakref
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +35,14 @@ from torch import nn
 log = logging.getLogger(__name__)
 
 CKPT_KEY = "kedit_editor"
+
+
+class TrainSetupError(Exception):
+    """A training run that cannot start as configured; the message names the setting and the file."""
+
+
+class DataFileError(TrainSetupError, FileNotFoundError):
+    """A configured data file does not exist."""
 
 
 # --------------------------------------------------------------------------- W&B
@@ -48,6 +66,8 @@ class WandbLogger(_WandbLogger):
     Online when ``WANDB_API_KEY`` is set or ``wandb login`` wrote ~/.netrc; otherwise the run
     is written to ``save_dir/wandb`` and can be uploaded later with ``wandb sync``.
     ``WANDB_MODE`` in the environment wins over both.
+
+    W&B's temporary folders of this process and of killed ones: see :func:`import_wandb`.
     """
 
     def __init__(self, *args: Any, offline: bool | None = None, **kwargs: Any) -> None:
@@ -58,7 +78,72 @@ class WandbLogger(_WandbLogger):
                 log.info("no W&B key configured: logging offline (upload later with `wandb sync`)")
         kwargs.setdefault("save_dir", "logs")
         Path(kwargs["save_dir"]).mkdir(parents=True, exist_ok=True)
+        import_wandb()
         super().__init__(*args, offline=offline, **kwargs)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def remove_stale_tmp(root: Path) -> list[Path]:
+    """Remove ``root/<host>-<pid>`` folders of this host whose process is gone; return them."""
+    host = socket.gethostname()
+    removed = []
+    for folder in root.glob(f"{host}-*") if root.is_dir() else ():
+        pid = folder.name[len(host) + 1:]
+        if pid.isdigit() and int(pid) != os.getpid() and not _process_alive(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder)
+    if removed:
+        log.info("removed %d temporary folder(s) of killed runs under %s", len(removed), root)
+    return removed
+
+
+@contextmanager
+def _tempdir(path: Path):
+    """``tempfile`` creates its files and folders under ``path`` inside the block."""
+    old = tempfile.tempdir
+    tempfile.tempdir = str(path)
+    try:
+        yield
+    finally:
+        tempfile.tempdir = old
+
+
+def wandb_tmp_root() -> Path:
+    """Where :func:`import_wandb` puts W&B's temporary folders: ``$TMPDIR/kedit-wandb``."""
+    return Path(tempfile.gettempdir()) / "kedit-wandb"
+
+
+def import_wandb(tmp_root: Path | None = None) -> None:
+    """Import wandb with its temporary folders in ``tmp_root/<host>-<pid>`` (default :func:`wandb_tmp_root`).
+
+    W&B makes temporary folders (media, artifacts) when it is imported and removes them when the
+    process exits, but not when the process is killed. Here they go to a folder of their own, and
+    the folders of this host's processes that are gone are removed first. The process's own
+    folder is removed at exit, after W&B's cleanup (exit finalizers run newest first and this one
+    is made before W&B's). When wandb is imported already, only the stale folders are removed.
+    ``python -m kedit.train`` calls this before it parses its configuration (which imports wandb).
+    """
+    tmp_root = wandb_tmp_root() if tmp_root is None else Path(tmp_root)
+    remove_stale_tmp(tmp_root)
+    if "wandb" in sys.modules:
+        return
+    own = tmp_root / f"{socket.gethostname()}-{os.getpid()}"
+    own.mkdir(parents=True, exist_ok=True)
+    weakref.finalize(import_wandb, shutil.rmtree, own, ignore_errors=True)
+    with _tempdir(own):
+        try:
+            import wandb  # noqa: F401
+        except ImportError:
+            pass
 
 
 # --------------------------------------------------------------------------- base model
@@ -156,6 +241,38 @@ def export_checkpoint(ckpt: str | Path, out: str | Path) -> Path:
     extra = dict(meta.get("extra") or {})
     extra.update(global_step=state.get("global_step"), epoch=state.get("epoch"), source=str(ckpt))
     return save_artifact(out, meta["editor"], tensors, meta["hparams"], meta.get("base"), extra)
+
+
+def last_checkpoints(trainer: Trainer) -> list[str]:
+    """The files ``ckpt_path="last"`` chooses from: "last" checkpoints in the ModelCheckpoint folders."""
+    from lightning.fabric.utilities.cloud_io import get_filesystem
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    found = []
+    for cb in trainer.checkpoint_callbacks:
+        if isinstance(cb, ModelCheckpoint) and cb.dirpath:
+            fs = get_filesystem(cb.dirpath)
+            if fs.isdir(cb.dirpath):
+                found += [p for p in fs.ls(cb.dirpath, detail=False)
+                          if cb.CHECKPOINT_NAME_LAST in os.path.basename(p) and p.endswith(cb.FILE_EXTENSION)]
+    return found
+
+
+def check_ckpt_path(trainer: Trainer, ckpt_path: str | None) -> None:
+    """Refuse a ``--ckpt_path`` that would not resume: ``last`` with no last checkpoint, or a missing file.
+
+    (Lightning warns and trains from scratch for the first.)
+    """
+    if not ckpt_path or ckpt_path in ("hpc", "best") or "://" in str(ckpt_path):
+        return
+    if ckpt_path == "last":
+        if not last_checkpoints(trainer):
+            dirs = sorted({str(cb.dirpath) for cb in trainer.checkpoint_callbacks if getattr(cb, "dirpath", None)})
+            where = f"in {', '.join(dirs)}" if dirs else "(no ModelCheckpoint with a dirpath)"
+            raise TrainSetupError(f"--ckpt_path last: no last checkpoint {where} to resume from; "
+                                  "to start a new run, leave out --ckpt_path")
+    elif not Path(ckpt_path).is_file():
+        raise TrainSetupError(f"--ckpt_path {ckpt_path}: no such checkpoint file")
 
 
 class ExportEditor(Callback):
