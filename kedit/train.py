@@ -117,7 +117,8 @@ def main(args: list[str] | None = None) -> None:
     kedit_log.setLevel(logging.INFO)
     from kedit.checkpoint import BaseModelMismatch
     from kedit.data.request import RequestError
-    from kedit.lightning.common import TrainSetupError, import_wandb
+    from kedit.lightning.common import TrainSetupError
+    from kedit.lightning.wandb_tmp import import_wandb
 
     import_wandb()  # before the config is parsed: parsing the W&B logger's signature imports wandb
 

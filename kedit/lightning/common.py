@@ -1,8 +1,8 @@
 """Lightning pieces shared by the learned editors (MEND, SERAC).
 
 * :class:`WandbLogger`: Lightning's W&B logger that goes offline when no W&B key is set up.
-* :func:`import_wandb`: W&B's temporary folders go to ``$TMPDIR/kedit-wandb/<host>-<pid>``, where
-  the next run removes those of killed processes.
+  W&B's temporary folders go to ``$TMPDIR/kedit-wandb/<host>-<pid>`` (:mod:`kedit.lightning.wandb_tmp`),
+  where the next run removes those of killed processes.
 * :class:`TrainSetupError`: a run that cannot start as configured (missing data file, nothing to
   resume); ``python -m kedit.train`` prints it as one line.
 * :class:`EditorCheckpointMixin`: checkpoints hold the editor only, never the frozen base
@@ -17,12 +17,6 @@ from __future__ import annotations
 import logging
 import netrc
 import os
-import shutil
-import socket
-import sys
-import tempfile
-import weakref
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +25,8 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.loggers import WandbLogger as _WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 from torch import nn
+
+from kedit.lightning.wandb_tmp import import_wandb
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +63,7 @@ class WandbLogger(_WandbLogger):
     is written to ``save_dir/wandb`` and can be uploaded later with ``wandb sync``.
     ``WANDB_MODE`` in the environment wins over both.
 
-    W&B's temporary folders of this process and of killed ones: see :func:`import_wandb`.
+    W&B's temporary folders of this process and of killed ones: see :mod:`kedit.lightning.wandb_tmp`.
     """
 
     def __init__(self, *args: Any, offline: bool | None = None, **kwargs: Any) -> None:
@@ -80,70 +76,6 @@ class WandbLogger(_WandbLogger):
         Path(kwargs["save_dir"]).mkdir(parents=True, exist_ok=True)
         import_wandb()
         super().__init__(*args, offline=offline, **kwargs)
-
-
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process
-        return True
-    return True
-
-
-def remove_stale_tmp(root: Path) -> list[Path]:
-    """Remove ``root/<host>-<pid>`` folders of this host whose process is gone; return them."""
-    host = socket.gethostname()
-    removed = []
-    for folder in root.glob(f"{host}-*") if root.is_dir() else ():
-        pid = folder.name[len(host) + 1:]
-        if pid.isdigit() and int(pid) != os.getpid() and not _process_alive(int(pid)):
-            shutil.rmtree(folder, ignore_errors=True)
-            removed.append(folder)
-    if removed:
-        log.info("removed %d temporary folder(s) of killed runs under %s", len(removed), root)
-    return removed
-
-
-@contextmanager
-def _tempdir(path: Path):
-    """``tempfile`` creates its files and folders under ``path`` inside the block."""
-    old = tempfile.tempdir
-    tempfile.tempdir = str(path)
-    try:
-        yield
-    finally:
-        tempfile.tempdir = old
-
-
-def wandb_tmp_root() -> Path:
-    """Where :func:`import_wandb` puts W&B's temporary folders: ``$TMPDIR/kedit-wandb``."""
-    return Path(tempfile.gettempdir()) / "kedit-wandb"
-
-
-def import_wandb(tmp_root: Path | None = None) -> None:
-    """Import wandb with its temporary folders in ``tmp_root/<host>-<pid>`` (default :func:`wandb_tmp_root`).
-
-    W&B makes temporary folders (media, artifacts) when it is imported and removes them when the
-    process exits, but not when the process is killed. Here they go to a folder of their own, and
-    the folders of this host's processes that are gone are removed first. The process's own
-    folder is removed at exit, after W&B's cleanup (exit finalizers run newest first and this one
-    is made before W&B's). When wandb is imported already, only the stale folders are removed.
-    ``python -m kedit.train`` calls this before it parses its configuration (which imports wandb).
-    """
-    tmp_root = wandb_tmp_root() if tmp_root is None else Path(tmp_root)
-    remove_stale_tmp(tmp_root)
-    if "wandb" in sys.modules:
-        return
-    own = tmp_root / f"{socket.gethostname()}-{os.getpid()}"
-    own.mkdir(parents=True, exist_ok=True)
-    weakref.finalize(import_wandb, shutil.rmtree, own, ignore_errors=True)
-    with _tempdir(own):
-        try:
-            import wandb  # noqa: F401
-        except ImportError:
-            pass
 
 
 # --------------------------------------------------------------------------- base model
@@ -287,3 +219,20 @@ class ExportEditor(Callback):
             raise TypeError(f"{type(pl_module).__name__} has no export_editor(); cannot export an editor")
         path = pl_module.export_editor(self.path)
         log.info("exported editor artifact to %s", path)
+
+
+class KillAtStep(Callback):
+    """Fault injection for resume tests: SIGKILL this process when training step ``step`` starts.
+
+    ``python -m kedit.train fit ... --trainer.callbacks+='{"class_path": "kedit.lightning.common.KillAtStep",
+    "init_args": {"step": 5}}'``: the checkpoints of steps before ``step`` are complete, nothing after it runs.
+    """
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        if trainer.global_step == self.step:
+            import signal
+
+            os.kill(os.getpid(), signal.SIGKILL)
