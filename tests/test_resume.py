@@ -134,3 +134,74 @@ def test_resume_from_explicit_checkpoint_file(uninterrupted, tmp_path):
     module, seen, trainer = _fit(data, tmp_path / "other", ckpt_path=str(tmp_path / "step5.ckpt"))
     assert sorted(seen) == list(range(5, STEPS)) and trainer.global_step == STEPS
     assert all(torch.equal(v, weights[k]) for k, v in module.mend.state_dict().items())
+
+
+# --------------------------------------------------------------------------- the CLI, SIGKILLed
+
+
+def _trainer_yaml(path: Path, kill_at: int | None = None) -> Path:
+    """trainers/cpu.yaml (W&B offline and CSV logs) checkpointing every step, and SIGKILLed at ``kill_at``."""
+    import yaml
+
+    cfg = yaml.safe_load((ROOT / "trainers" / "cpu.yaml").read_text())
+    for cb in cfg["callbacks"]:
+        if cb["class_path"].endswith("ModelCheckpoint"):
+            cb["init_args"]["every_n_train_steps"] = 1
+    if kill_at is not None:
+        cfg["callbacks"].append({"class_path": "kedit.lightning.common.KillAtStep", "init_args": {"step": kill_at}})
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def _cli(cwd: Path, data: Path, *extra: str, kill_at: int | None = None) -> subprocess.CompletedProcess:
+    """``python -m kedit.train fit`` of the tiny run in ``cwd`` (checkpoints/, logs/)."""
+    env = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+           "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(ROOT)}
+    args = ["fit", "--config", str(ROOT / "configs" / "mend" / "tiny-llama.yaml"),
+            "--trainer", str(_trainer_yaml(cwd / "trainer.yaml", kill_at)), f"--data.init_args.train_path={data}",
+            f"--data.init_args.val_size={VAL}", f"--data.init_args.batch_size={BATCH}",
+            f"--trainer.max_steps={STEPS}", "--trainer.limit_val_batches=0", "--trainer.enable_progress_bar=false",
+            *extra]
+    return subprocess.run([sys.executable, "-m", "kedit.train", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=900)
+
+
+def _hypernet(ckpt: Path) -> dict[str, torch.Tensor]:
+    state = torch.load(ckpt, weights_only=True)
+    assert state["global_step"] == STEPS
+    return {k: v for k, v in state["state_dict"].items() if k.startswith("mend.")}
+
+
+@pytest.mark.slow
+def test_cli_sigkill_in_epoch_0_and_1_resumes_bit_identical(tmp_path):
+    """SIGKILL ``python -m kedit.train fit`` at a random step of epoch 0 and of epoch 1; each resumed
+    with ``--ckpt_path last`` (and the epoch-1 one once more from the checkpoint file) ends bit-identical."""
+    per_epoch = TRAIN // BATCH
+    rng = random.Random()
+    kills = {"epoch0": rng.randrange(1, per_epoch), "epoch1": rng.randrange(per_epoch, 2 * per_epoch)}
+    data = write_edit_file(tmp_path / "edits.json", TRAIN + VAL)
+    (tmp_path / "full").mkdir()
+    res = _cli(tmp_path / "full", data)
+    assert res.returncode == 0, res.stderr[-3000:]
+    full = _hypernet(tmp_path / "full" / "checkpoints" / "last.ckpt")
+    for name, step in kills.items():
+        run = tmp_path / name
+        run.mkdir()
+        res = _cli(run, data, kill_at=step)
+        assert res.returncode == -9, f"{name}: not killed at step {step}: {res.stderr[-3000:]}"
+        saved = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"]
+        assert saved == step, (name, saved, step)
+        if name == "epoch1":
+            (run / "checkpoints" / "last.ckpt").rename(run / "killed.ckpt")
+            res = _cli(run, data, "--ckpt_path", str(run / "killed.ckpt"))
+            assert res.returncode == 0, f"{name} (file): {res.stderr[-3000:]}"
+            resumed = _hypernet(run / "checkpoints" / "last.ckpt")
+            assert all(torch.equal(resumed[k], full[k]) for k in full), f"{name} resumed from file at step {step}"
+            (run / "checkpoints" / "last.ckpt").unlink()
+            (run / "killed.ckpt").rename(run / "checkpoints" / "last.ckpt")
+        res = _cli(run, data, "--ckpt_path", "last")
+        assert res.returncode == 0, f"{name}: {res.stderr[-3000:]}"
+        resumed = _hypernet(run / "checkpoints" / "last.ckpt")
+        assert resumed.keys() == full.keys()
+        for k in full:
+            assert torch.equal(resumed[k], full[k]), f"{name}: killed at step {step}, {k} differs after resume"
