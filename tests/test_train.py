@@ -156,6 +156,19 @@ def test_cli_missing_data_file_is_one_line_before_loggers(tmp_path, monkeypatch)
     assert not (tmp_path / "logs").exists() and not (tmp_path / "checkpoints").exists()
 
 
+@pytest.mark.parametrize("content", ["[]", "[42]", "{not json"], ids=["empty", "bad-record", "not-json"])
+def test_cli_unusable_data_file_is_one_line(tmp_path, monkeypatch, content):
+    """A data file with nothing to train on: one line that names the file (was a traceback)."""
+    from kedit.train import main
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "edits.json").write_text(content)
+    with pytest.raises(SystemExit) as exit_:
+        main(_fit_args(tmp_path / "edits.json", "--trainer.max_steps=1"))
+    message = str(exit_.value)
+    assert message.startswith("error: ") and "edits.json" in message and "\n" not in message, message
+
+
 def test_edit_data_module_refuses_missing_file(tmp_path):
     from kedit.lightning.common import DataFileError
     from kedit.lightning.data import EditDataModule

@@ -41,6 +41,10 @@ class DataFileError(TrainSetupError, FileNotFoundError):
     """A configured data file does not exist."""
 
 
+class DataError(TrainSetupError, ValueError):
+    """A data file, or the data settings, leave nothing to train or validate on."""
+
+
 # --------------------------------------------------------------------------- W&B
 
 

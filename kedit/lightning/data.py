@@ -29,7 +29,7 @@ import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from kedit.lightning.common import DataFileError
+from kedit.lightning.common import DataError, DataFileError
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +39,7 @@ class EditExamples(Dataset):
 
     def __init__(self, requests: list, source: str = "") -> None:
         if not requests:
-            raise ValueError(f"no edit requests in {source or 'the given records'}")
+            raise DataError(f"no edit requests in {source or 'the given records'}")
         self.requests = requests
         self.source = source
 
@@ -162,7 +162,7 @@ class EditDataModule(LightningDataModule):
             val = load_requests(self.val_path, format=self.format, on_error=self.on_error)
         else:
             if self.val_size >= len(train):
-                raise ValueError(f"{self.train_path}: val_size={self.val_size} leaves no training records "
+                raise DataError(f"{self.train_path}: val_size={self.val_size} leaves no training records "
                                  f"(file has {len(train)})")
             held = set(random.Random(self.seed).sample(range(len(train)), self.val_size))
             val = [train[i] for i in sorted(held)]
