@@ -44,8 +44,9 @@ def _callbacks(kill_at: int | None, seen: dict[int, list[int]]):
     return [Record()]
 
 
-def _fit(data: Path, ckpt_dir: Path, kill_at: int | None = None, ckpt_path: str | None = None):
-    """Train to STEPS (or die at ``kill_at``); (module, {step: edit indices}, trainer)."""
+def _fit(data: Path, ckpt_dir: Path, kill_at: int | None = None, ckpt_path: str | None = None,
+         max_steps: int = STEPS, every: int = 1):
+    """Train to ``max_steps`` (or die at ``kill_at``), checkpointing ``every`` steps; (module, {step: edit indices}, trainer)."""
     import lightning as L
     from lightning.pytorch.callbacks import ModelCheckpoint
 
@@ -57,9 +58,9 @@ def _fit(data: Path, ckpt_dir: Path, kill_at: int | None = None, ckpt_path: str 
     module = MENDModule("tiny-llama", MENDHparams(num_last_layers=2, rank=8, edit_lr=0.1, lr=1e-3, lr_lr=1e-3))
     dm = EditDataModule(str(data), val_size=VAL, batch_size=BATCH)
     seen: dict[int, list[int]] = {}
-    ckpt = ModelCheckpoint(dirpath=ckpt_dir, save_last=True, every_n_train_steps=1, save_top_k=0)
+    ckpt = ModelCheckpoint(dirpath=ckpt_dir, save_last=True, every_n_train_steps=every, save_top_k=0)
     trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
-                        enable_model_summary=False, inference_mode=False, max_steps=STEPS, limit_val_batches=0,
+                        enable_model_summary=False, inference_mode=False, max_steps=max_steps, limit_val_batches=0,
                         default_root_dir=str(ckpt_dir), callbacks=[*_callbacks(kill_at, seen), ckpt])
     try:
         trainer.fit(module, dm, ckpt_path=ckpt_path)
@@ -100,6 +101,18 @@ def test_killed_run_resumes_bit_identical(uninterrupted, tmp_path, kill_at):
     for k in a:
         for s in a[k]:
             assert torch.equal(torch.as_tensor(a[k][s]), torch.as_tensor(b[k][s])), (k, s)
+
+
+@pytest.mark.parametrize("first", [2, 4], ids=["epoch0", "epoch1"])
+def test_longer_run_continues_inside_the_cut_epoch(uninterrupted, tmp_path, first):
+    """A run stopped by max_steps inside an epoch, continued with a larger max_steps from its final
+    checkpoint, trains the rest of that epoch, as one longer run does (Lightning began the next epoch)."""
+    data, weights, seen_full, _ = uninterrupted
+    _, seen_first, _ = _fit(data, tmp_path / "ckpt", max_steps=first, every=100)
+    module, seen_more, trainer = _fit(data, tmp_path / "ckpt", ckpt_path="last", every=100)
+    assert trainer.global_step == STEPS and sorted(seen_more) == list(range(first, STEPS))
+    assert {**seen_first, **seen_more} == seen_full
+    assert all(torch.equal(v, weights[k]) for k, v in module.mend.state_dict().items())
 
 
 def test_epochs_are_reshuffled(uninterrupted):

@@ -114,19 +114,25 @@ def _fit_args(data, *extra):
 
 
 def test_cli_resumes_from_checkpoint_file(tmp_path, monkeypatch):
-    """``--ckpt_path <file>`` resumes (LightningCLI used to exit 2: "Parsing of ckpt_path hyperparameters failed!")."""
+    """``--ckpt_path <file>`` resumes: 2 steps, then 1 more from the file == 3 steps in one run
+    (LightningCLI used to exit 2: "Parsing of ckpt_path hyperparameters failed!")."""
     import torch
 
     from kedit.testing import write_edit_file
     from kedit.train import main
 
-    monkeypatch.chdir(tmp_path)
     data = write_edit_file(tmp_path / "edits.json", 8)
+    for run in ("full", "parts"):
+        (tmp_path / run).mkdir()
+    monkeypatch.chdir(tmp_path / "full")
+    main(_fit_args(data, "--trainer.max_steps=3"))
+    monkeypatch.chdir(tmp_path / "parts")
     main(_fit_args(data, "--trainer.max_steps=2"))
-    (tmp_path / "checkpoints" / "last.ckpt").rename(tmp_path / "step2.ckpt")
+    (tmp_path / "parts" / "checkpoints" / "last.ckpt").rename(tmp_path / "step2.ckpt")
     main(_fit_args(data, "--trainer.max_steps=3", "--ckpt_path", str(tmp_path / "step2.ckpt")))
-    state = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
-    assert state["global_step"] == 3
+    full, parts = (torch.load(tmp_path / run / "checkpoints" / "last.ckpt", weights_only=True) for run in ("full", "parts"))
+    assert parts["global_step"] == 3
+    assert all(torch.equal(parts["state_dict"][k], v) for k, v in full["state_dict"].items())
 
 
 def test_cli_resume_last_without_checkpoint_fails(tmp_path, monkeypatch):

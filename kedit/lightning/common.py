@@ -147,6 +147,7 @@ class EditorCheckpointMixin:
         meta = checkpoint.get(CKPT_KEY)
         if meta:
             check_base_identity(meta.get("base"), self.base, what=f"{meta.get('editor')} checkpoint")
+        resume_inside_cut_epoch(checkpoint)
 
     def editor_tensors(self) -> dict[str, torch.Tensor]:
         sd = self.state_dict()
@@ -159,6 +160,38 @@ class EditorCheckpointMixin:
 
         return save_artifact(path, self.editor_name, self.editor_tensors(), self.editor_hparams(),
                              self.base_identity(), self.artifact_extra())
+
+
+def resume_inside_cut_epoch(checkpoint: dict[str, Any]) -> bool:
+    """Make a checkpoint of an epoch that ``max_steps`` cut short resume inside that epoch.
+
+    The checkpoint written when a fit stops at ``max_steps`` counts its epoch as finished even when
+    the epoch's last batch was not reached, so a run continued from it (``--ckpt_path last
+    --trainer.max_steps=<more>``) would start the next epoch and never train on the rest of this
+    one. Its loop state is changed to that of a checkpoint written after the same step inside the
+    epoch (as ``every_n_train_steps`` writes them), which Lightning resumes exactly. Loads the
+    loop state in place (before Lightning restores the loops); True when it changed it.
+    """
+    try:
+        loop = checkpoint["loops"]["fit_loop"]
+        epochs, batches = loop["epoch_progress"], loop["epoch_loop.batch_progress"]
+        cut = (not batches["is_last_batch"] and batches["current"]["processed"] > 0
+               and epochs["current"]["processed"] == epochs["current"]["started"] >= 1)
+        if not cut:
+            return False
+        for part in ("current", "total"):
+            epochs[part]["processed"] = epochs[part]["completed"] = epochs[part]["started"] - 1
+            if batches[part]["completed"] == batches[part]["processed"]:
+                batches[part]["completed"] -= 1
+        stepped = loop.get("epoch_loop.state_dict", {})
+        if "_batches_that_stepped" in stepped:
+            stepped["_batches_that_stepped"] = max(0, stepped["_batches_that_stepped"] - 1)
+        checkpoint["epoch"] = epochs["current"]["started"] - 1
+    except (KeyError, TypeError):  # another Lightning layout: leave it to Lightning
+        return False
+    log.info("checkpoint of step %s ends inside epoch %d: resuming inside it", checkpoint.get("global_step"),
+             checkpoint["epoch"])
+    return True
 
 
 def export_checkpoint(ckpt: str | Path, out: str | Path) -> Path:
