@@ -56,7 +56,7 @@ def _fit(data: Path, ckpt_dir: Path, kill_at: int | None = None, ckpt_path: str 
 
     L.seed_everything(0)
     module = MENDModule("tiny-llama", MENDHparams(num_last_layers=2, rank=8, edit_lr=0.1, lr=1e-3, lr_lr=1e-3))
-    dm = EditDataModule(str(data), val_size=VAL, batch_size=BATCH)
+    dm = EditDataModule(data, val_size=VAL, batch_size=BATCH)  # a Path: the checkpoint must hold a str
     seen: dict[int, list[int]] = {}
     ckpt = ModelCheckpoint(dirpath=ckpt_dir, save_last=True, every_n_train_steps=every, save_top_k=0)
     trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,

@@ -131,6 +131,8 @@ class EditDataModule(LightningDataModule):
             num_workers: DataLoader worker processes.
         """
         super().__init__()
+        # str, not Path: checkpoints hold the hyperparameters and are read with weights_only=True
+        train_path, val_path = str(train_path), None if val_path is None else str(val_path)
         self.save_hyperparameters()
         self.train_path, self.val_path, self.val_size = train_path, val_path, val_size
         self.batch_size, self.val_batch_size = batch_size, val_batch_size or batch_size
