@@ -86,3 +86,30 @@ def tiny_model(family: str = "llama", seed: int = 0) -> tuple[nn.Module, object]
     model = cls.from_config(config, dtype=torch.float32)
     model.config._name_or_path = f"tiny-{family}"
     return model.eval(), tok
+
+
+COUNTRIES = ["France", "Germany", "Italy", "Spain", "Japan", "Egypt", "Peru", "Chile", "Kenya", "Nepal",
+             "Cuba", "Iran", "Oman", "Mali", "Laos", "Fiji", "Togo", "Chad", "Niger", "Malta"]
+CITIES = ["Paris", "Berlin", "Rome", "Madrid", "Tokyo", "Cairo", "Lima", "Santiago", "Nairobi", "Kathmandu"]
+
+
+def tiny_edit_records(n: int = 20) -> list[dict]:
+    """``n`` small counterfact-MEND records (edit, paraphrase, locality probe) for training smoke tests."""
+    recs = []
+    for i in range(n):
+        s, other = COUNTRIES[i % len(COUNTRIES)], COUNTRIES[(i + 1) % len(COUNTRIES)]
+        recs.append({"case_id": i, "prompt": f"The capital of {s} is", "subject": s,
+                     "target_new": CITIES[(i + 3) % len(CITIES)], "ground_truth": CITIES[i % len(CITIES)],
+                     "rephrase_prompt": f"{s}'s capital city is",
+                     "locality_prompt": f"The capital of {other} is", "locality_ground_truth": CITIES[(i + 1) % len(CITIES)]})
+    return recs
+
+
+def write_edit_file(path, n: int = 20):
+    """Write :func:`tiny_edit_records` as a JSON array to ``path``; return the path."""
+    import json
+    from pathlib import Path
+
+    path = Path(path)
+    path.write_text(json.dumps(tiny_edit_records(n)))
+    return path

@@ -30,7 +30,26 @@ def _cli_class():
                                 help="Also write the trained editor as a safetensors artifact to this "
                                      "path when fit ends (rank zero).")
 
+        def _parse_ckpt_path(self) -> None:
+            """Keep the configuration given on the command line when resuming from a checkpoint file.
+
+            LightningCLI would parse the model's hyperparameters out of the checkpoint into the
+            configuration, and cannot: kedit modules save them without a class path ("Parsing of
+            ckpt_path hyperparameters failed!"). The command line's config is the run's config,
+            for ``--ckpt_path last`` and for a file alike; the checkpoint must fit it (the editor's
+            shapes and the base model are checked when it is loaded).
+            """
+
+        def before_instantiate_classes(self) -> None:
+            from kedit.lightning.data import check_data_config
+
+            if self.subcommand:  # missing data files: before the model, trainer and loggers are built
+                check_data_config(self.config[self.subcommand].get("data"))
+
         def before_fit(self) -> None:
+            from kedit.lightning.common import check_ckpt_path
+
+            check_ckpt_path(self.trainer, self.config.get(self.subcommand, {}).get("ckpt_path"))
             export = self.config.get(self.subcommand, {}).get("export")
             if export:
                 from kedit.lightning.common import ExportEditor
@@ -96,12 +115,22 @@ def main(args: list[str] | None = None) -> None:
     kedit_log = logging.getLogger("kedit")
     kedit_log.addHandler(handler)
     kedit_log.setLevel(logging.INFO)
-    _cli_class()(
-        subclass_mode_model=True,
-        subclass_mode_data=True,
-        save_config_kwargs={"overwrite": True},
-        args=args,
-    )
+    from kedit.checkpoint import BaseModelMismatch
+    from kedit.data.request import RequestError
+    from kedit.lightning.common import TrainSetupError
+    from kedit.lightning.wandb_tmp import import_wandb
+
+    import_wandb()  # before the config is parsed: parsing the W&B logger's signature imports wandb
+
+    try:
+        _cli_class()(
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            save_config_kwargs={"overwrite": True},
+            args=args,
+        )
+    except (TrainSetupError, RequestError, BaseModelMismatch) as err:  # the user's to fix: one line
+        raise SystemExit(f"error: {err}") from None
 
 
 if __name__ == "__main__":

@@ -100,3 +100,128 @@ def test_export_rejects_foreign_checkpoint(tmp_path):
         import kedit
 
         kedit.load_editor(tmp_path / "x.ckpt")
+
+
+# --------------------------------------------------------------------------- CLI: resume, user errors, W&B temporaries
+
+
+def _fit_args(data, *extra):
+    """A tiny MEND run of the CLI: checkpoints/ and logs/ in the working directory, no loggers."""
+    return ["fit", "--config", str(ROOT / "configs" / "mend" / "tiny-llama.yaml"),
+            "--trainer", str(ROOT / "trainers" / "cpu.yaml"), f"--data.init_args.train_path={data}",
+            "--data.init_args.val_size=2", "--trainer.logger=false", "--trainer.limit_val_batches=0",
+            "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false", *extra]
+
+
+def test_cli_resumes_from_checkpoint_file(tmp_path, monkeypatch):
+    """``--ckpt_path <file>`` resumes: 2 steps, then 1 more from the file == 3 steps in one run
+    (LightningCLI used to exit 2: "Parsing of ckpt_path hyperparameters failed!")."""
+    import torch
+
+    from kedit.testing import write_edit_file
+    from kedit.train import main
+
+    data = write_edit_file(tmp_path / "edits.json", 8)
+    for run in ("full", "parts"):
+        (tmp_path / run).mkdir()
+    monkeypatch.chdir(tmp_path / "full")
+    main(_fit_args(data, "--trainer.max_steps=3"))
+    monkeypatch.chdir(tmp_path / "parts")
+    main(_fit_args(data, "--trainer.max_steps=2"))
+    (tmp_path / "parts" / "checkpoints" / "last.ckpt").rename(tmp_path / "step2.ckpt")
+    main(_fit_args(data, "--trainer.max_steps=3", "--ckpt_path", str(tmp_path / "step2.ckpt")))
+    full, parts = (torch.load(tmp_path / run / "checkpoints" / "last.ckpt", weights_only=True) for run in ("full", "parts"))
+    assert parts["global_step"] == 3
+    assert all(torch.equal(parts["state_dict"][k], v) for k, v in full["state_dict"].items())
+
+
+def test_cli_resume_last_without_checkpoint_fails(tmp_path, monkeypatch):
+    """``--ckpt_path last`` with nothing to resume is an error (Lightning warned and trained from scratch)."""
+    from kedit.testing import write_edit_file
+    from kedit.train import main
+
+    monkeypatch.chdir(tmp_path)
+    data = write_edit_file(tmp_path / "edits.json", 8)
+    with pytest.raises(SystemExit, match=r"--ckpt_path last: no last checkpoint in .*checkpoints.*leave out --ckpt_path"):
+        main(_fit_args(data, "--trainer.max_steps=2", "--ckpt_path", "last"))
+    with pytest.raises(SystemExit, match=r"--ckpt_path .*nosuch.ckpt: no such checkpoint file"):
+        main(_fit_args(data, "--trainer.max_steps=2", "--ckpt_path", str(tmp_path / "nosuch.ckpt")))
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_cli_missing_data_file_is_one_line_before_loggers(tmp_path, monkeypatch):
+    """A missing data file: one line naming the config key and the file, no model, W&B or CSV run made."""
+    from kedit.train import main
+
+    monkeypatch.chdir(tmp_path)
+    args = ["fit", "--config", str(ROOT / "configs" / "mend" / "tiny-llama.yaml"),
+            "--trainer", str(ROOT / "trainers" / "cpu.yaml"), f"--data.init_args.train_path={tmp_path / 'no.json'}"]
+    with pytest.raises(SystemExit) as exit_:
+        main(args)
+    assert str(exit_.value) == f"error: data.init_args.train_path: no such file: {tmp_path / 'no.json'}"
+    assert not (tmp_path / "logs").exists() and not (tmp_path / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("content", ["[]", "[42]", "{not json"], ids=["empty", "bad-record", "not-json"])
+def test_cli_unusable_data_file_is_one_line(tmp_path, monkeypatch, content):
+    """A data file with nothing to train on: one line that names the file (was a traceback)."""
+    from kedit.train import main
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "edits.json").write_text(content)
+    with pytest.raises(SystemExit) as exit_:
+        main(_fit_args(tmp_path / "edits.json", "--trainer.max_steps=1"))
+    message = str(exit_.value)
+    assert message.startswith("error: ") and "edits.json" in message and "\n" not in message, message
+
+
+def test_edit_data_module_refuses_missing_file(tmp_path):
+    from kedit.lightning.common import DataFileError
+    from kedit.lightning.data import EditDataModule
+    from kedit.testing import write_edit_file
+
+    data = write_edit_file(tmp_path / "edits.json", 8)
+    with pytest.raises(DataFileError, match=r"data.init_args.val_path: no such file: .*val.json"):
+        EditDataModule(str(data), val_path=str(tmp_path / "val.json"))
+
+
+_KILLED_WANDB = """
+import os, signal, sys
+from kedit.lightning.wandb_tmp import import_wandb
+import_wandb(sys.argv[1])
+print(os.getpid(), flush=True)
+if sys.argv[2] == "kill":
+    os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_wandb_temporaries_of_killed_runs_are_removed(tmp_path):
+    """W&B's import-time temp folders go to <root>/<host>-<pid>: gone after a normal exit; after a SIGKILL
+    they stay until the next import_wandb removes them."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from kedit.lightning.wandb_tmp import remove_stale_tmp
+
+    root = tmp_path / "kedit-wandb"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "WANDB_MODE": "offline"}
+
+    def child(mode):
+        res = subprocess.run([sys.executable, "-c", _KILLED_WANDB, str(root), mode], env=env, capture_output=True,
+                             text=True, timeout=300)
+        return res, root / f"{socket.gethostname()}-{res.stdout.split()[0]}"
+
+    res, own = child("exit")
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert not own.exists()
+    res, own = child("kill")
+    assert res.returncode == -9
+    assert sorted(p.name.rsplit("wandb-", 1)[-1] for p in own.iterdir()) == ["artifacts", "media"]
+    alive = root / f"{socket.gethostname()}-{os.getpid()}"  # this process: kept
+    other = root / "otherhost-1"  # another machine's (a shared temp folder): kept
+    alive.mkdir()
+    other.mkdir()
+    assert remove_stale_tmp(root) == [own]
+    assert not own.exists() and alive.is_dir() and other.is_dir()

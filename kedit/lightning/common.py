@@ -1,6 +1,10 @@
 """Lightning pieces shared by the learned editors (MEND, SERAC).
 
 * :class:`WandbLogger`: Lightning's W&B logger that goes offline when no W&B key is set up.
+  W&B's temporary folders go to ``$TMPDIR/kedit-wandb/<host>-<pid>`` (:mod:`kedit.lightning.wandb_tmp`),
+  where the next run removes those of killed processes.
+* :class:`TrainSetupError`: a run that cannot start as configured (missing data file, nothing to
+  resume); ``python -m kedit.train`` prints it as one line.
 * :class:`EditorCheckpointMixin`: checkpoints hold the editor only, never the frozen base
   model, plus the base model's identity; loading onto another base model is refused.
 * :class:`ExportEditor` / :func:`export_checkpoint`: write an editor artifact
@@ -22,9 +26,23 @@ from lightning.pytorch.loggers import WandbLogger as _WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 from torch import nn
 
+from kedit.lightning.wandb_tmp import import_wandb
+
 log = logging.getLogger(__name__)
 
 CKPT_KEY = "kedit_editor"
+
+
+class TrainSetupError(Exception):
+    """A training run that cannot start as configured; the message names the setting and the file."""
+
+
+class DataFileError(TrainSetupError, FileNotFoundError):
+    """A configured data file does not exist."""
+
+
+class DataError(TrainSetupError, ValueError):
+    """A data file, or the data settings, leave nothing to train or validate on."""
 
 
 # --------------------------------------------------------------------------- W&B
@@ -48,6 +66,8 @@ class WandbLogger(_WandbLogger):
     Online when ``WANDB_API_KEY`` is set or ``wandb login`` wrote ~/.netrc; otherwise the run
     is written to ``save_dir/wandb`` and can be uploaded later with ``wandb sync``.
     ``WANDB_MODE`` in the environment wins over both.
+
+    W&B's temporary folders of this process and of killed ones: see :mod:`kedit.lightning.wandb_tmp`.
     """
 
     def __init__(self, *args: Any, offline: bool | None = None, **kwargs: Any) -> None:
@@ -58,6 +78,7 @@ class WandbLogger(_WandbLogger):
                 log.info("no W&B key configured: logging offline (upload later with `wandb sync`)")
         kwargs.setdefault("save_dir", "logs")
         Path(kwargs["save_dir"]).mkdir(parents=True, exist_ok=True)
+        import_wandb()
         super().__init__(*args, offline=offline, **kwargs)
 
 
@@ -126,6 +147,7 @@ class EditorCheckpointMixin:
         meta = checkpoint.get(CKPT_KEY)
         if meta:
             check_base_identity(meta.get("base"), self.base, what=f"{meta.get('editor')} checkpoint")
+        resume_inside_cut_epoch(checkpoint)
 
     def editor_tensors(self) -> dict[str, torch.Tensor]:
         sd = self.state_dict()
@@ -138,6 +160,38 @@ class EditorCheckpointMixin:
 
         return save_artifact(path, self.editor_name, self.editor_tensors(), self.editor_hparams(),
                              self.base_identity(), self.artifact_extra())
+
+
+def resume_inside_cut_epoch(checkpoint: dict[str, Any]) -> bool:
+    """Make a checkpoint of an epoch that ``max_steps`` cut short resume inside that epoch.
+
+    The checkpoint written when a fit stops at ``max_steps`` counts its epoch as finished even when
+    the epoch's last batch was not reached, so a run continued from it (``--ckpt_path last
+    --trainer.max_steps=<more>``) would start the next epoch and never train on the rest of this
+    one. Its loop state is changed to that of a checkpoint written after the same step inside the
+    epoch (as ``every_n_train_steps`` writes them), which Lightning resumes exactly. Loads the
+    loop state in place (before Lightning restores the loops); True when it changed it.
+    """
+    try:
+        loop = checkpoint["loops"]["fit_loop"]
+        epochs, batches = loop["epoch_progress"], loop["epoch_loop.batch_progress"]
+        cut = (not batches["is_last_batch"] and batches["current"]["processed"] > 0
+               and epochs["current"]["processed"] == epochs["current"]["started"] >= 1)
+        if not cut:
+            return False
+        for part in ("current", "total"):
+            epochs[part]["processed"] = epochs[part]["completed"] = epochs[part]["started"] - 1
+            if batches[part]["completed"] == batches[part]["processed"]:
+                batches[part]["completed"] -= 1
+        stepped = loop.get("epoch_loop.state_dict", {})
+        if "_batches_that_stepped" in stepped:
+            stepped["_batches_that_stepped"] = max(0, stepped["_batches_that_stepped"] - 1)
+        checkpoint["epoch"] = epochs["current"]["started"] - 1
+    except (KeyError, TypeError):  # another Lightning layout: leave it to Lightning
+        return False
+    log.info("checkpoint of step %s ends inside epoch %d: resuming inside it", checkpoint.get("global_step"),
+             checkpoint["epoch"])
+    return True
 
 
 def export_checkpoint(ckpt: str | Path, out: str | Path) -> Path:
@@ -158,6 +212,38 @@ def export_checkpoint(ckpt: str | Path, out: str | Path) -> Path:
     return save_artifact(out, meta["editor"], tensors, meta["hparams"], meta.get("base"), extra)
 
 
+def last_checkpoints(trainer: Trainer) -> list[str]:
+    """The files ``ckpt_path="last"`` chooses from: "last" checkpoints in the ModelCheckpoint folders."""
+    from lightning.fabric.utilities.cloud_io import get_filesystem
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    found = []
+    for cb in trainer.checkpoint_callbacks:
+        if isinstance(cb, ModelCheckpoint) and cb.dirpath:
+            fs = get_filesystem(cb.dirpath)
+            if fs.isdir(cb.dirpath):
+                found += [p for p in fs.ls(cb.dirpath, detail=False)
+                          if cb.CHECKPOINT_NAME_LAST in os.path.basename(p) and p.endswith(cb.FILE_EXTENSION)]
+    return found
+
+
+def check_ckpt_path(trainer: Trainer, ckpt_path: str | None) -> None:
+    """Refuse a ``--ckpt_path`` that would not resume: ``last`` with no last checkpoint, or a missing file.
+
+    (Lightning warns and trains from scratch for the first.)
+    """
+    if not ckpt_path or ckpt_path in ("hpc", "best") or "://" in str(ckpt_path):
+        return
+    if ckpt_path == "last":
+        if not last_checkpoints(trainer):
+            dirs = sorted({str(cb.dirpath) for cb in trainer.checkpoint_callbacks if getattr(cb, "dirpath", None)})
+            where = f"in {', '.join(dirs)}" if dirs else "(no ModelCheckpoint with a dirpath)"
+            raise TrainSetupError(f"--ckpt_path last: no last checkpoint {where} to resume from; "
+                                  "to start a new run, leave out --ckpt_path")
+    elif not Path(ckpt_path).is_file():
+        raise TrainSetupError(f"--ckpt_path {ckpt_path}: no such checkpoint file")
+
+
 class ExportEditor(Callback):
     """Write the editor artifact when fit ends (rank zero); ``python -m kedit.train fit --export PATH``."""
 
@@ -170,3 +256,20 @@ class ExportEditor(Callback):
             raise TypeError(f"{type(pl_module).__name__} has no export_editor(); cannot export an editor")
         path = pl_module.export_editor(self.path)
         log.info("exported editor artifact to %s", path)
+
+
+class KillAtStep(Callback):
+    """Fault injection for resume tests: SIGKILL this process when training step ``step`` starts.
+
+    ``python -m kedit.train fit ... --trainer.callbacks+='{"class_path": "kedit.lightning.common.KillAtStep",
+    "init_args": {"step": 5}}'``: the checkpoints of steps before ``step`` are complete, nothing after it runs.
+    """
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        if trainer.global_step == self.step:
+            import signal
+
+            os.kill(os.getpid(), signal.SIGKILL)

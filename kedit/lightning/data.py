@@ -8,11 +8,13 @@ one edit request flattened to strings::
      "loc_prompt": an unrelated prompt, "loc_answer": its answer, "index": record index}
 
 A batch is a dict of lists (tokenization is the module's job: it owns the tokenizer).
-Under DDP, Lightning shards the loader with its DistributedSampler (shuffled, seeded with
-``seed_everything``, reshuffled each epoch). A single process reads the same permutation
-(torch's DistributedSampler with one replica), so R processes with batch B see the same
-examples per step as one process with batch R*B. The order is deterministic, so a resumed
-run skips exactly the batches of the current epoch it has already trained on.
+
+The training order is a seeded :class:`DistributedSampler` in every case: one process reads
+the permutation with one replica, R processes under DDP each read their shard of the same
+permutation, so R processes with batch B see the same examples per step as one process with
+batch R*B. The permutation is reshuffled each epoch (``set_epoch``) and its seed (``seed_everything``)
+is stored in the checkpoint, so a resumed run, in any epoch, reads the batches of its epoch in the
+same order and skips exactly those it has already trained on.
 """
 
 from __future__ import annotations
@@ -20,11 +22,14 @@ from __future__ import annotations
 import logging
 import os
 import random
+from pathlib import Path
 from typing import Any
 
 import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from kedit.lightning.common import DataError, DataFileError
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +39,7 @@ class EditExamples(Dataset):
 
     def __init__(self, requests: list, source: str = "") -> None:
         if not requests:
-            raise ValueError(f"no edit requests in {source or 'the given records'}")
+            raise DataError(f"no edit requests in {source or 'the given records'}")
         self.requests = requests
         self.source = source
 
@@ -60,21 +65,29 @@ def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 class SkippingDataLoader(DataLoader):
-    """A DataLoader whose first iteration skips ``skip_batches`` batches (resume mid-epoch)."""
+    """A DataLoader whose next iteration starts ``skip_batches`` batches in (resume mid-epoch).
+
+    Iteration is lazy: nothing is read from the sampler until the first batch is asked for.
+    Lightning creates the epoch's iterator before it calls ``set_epoch`` on the sampler, so an
+    eager skip would draw the resumed epoch's batches from epoch 0's permutation.
+    """
 
     def __init__(self, *args: Any, skip_batches: int = 0, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.skip_batches = skip_batches
 
     def __iter__(self):
-        it = super().__iter__()
         skip, self.skip_batches = self.skip_batches, 0
+        return self._batches(skip)
+
+    def _batches(self, skip: int):
+        it = super().__iter__()
         for _ in range(skip):
             next(it, None)
-        return it
+        yield from it
 
     # Lightning saves/restores "stateful" loaders; the position comes from its batch progress
-    # (EditDataModule._resume_skip), so there is nothing else to store.
+    # (EditDataModule._resume_skip), the seed from EditDataModule.state_dict.
     def state_dict(self) -> dict[str, Any]:
         return {}
 
@@ -113,11 +126,13 @@ class EditDataModule(LightningDataModule):
             format: Record format for load_requests ("auto" detects it).
             on_error: Bad records: "skip" drops them (logged), "raise" stops at the first one.
             seed: Seed of the train/val split (the batch order follows seed_everything).
-            shuffle: Single process: shuffle each epoch (seeded); false keeps file order. Under DDP
-                Lightning's DistributedSampler always shuffles.
+            shuffle: Shuffle each epoch (seeded by seed_everything); false keeps file order (under DDP:
+                each process reads every R-th record).
             num_workers: DataLoader worker processes.
         """
         super().__init__()
+        # str, not Path: checkpoints hold the hyperparameters and are read with weights_only=True
+        train_path, val_path = str(train_path), None if val_path is None else str(val_path)
         self.save_hyperparameters()
         self.train_path, self.val_path, self.val_size = train_path, val_path, val_size
         self.batch_size, self.val_batch_size = batch_size, val_batch_size or batch_size
@@ -126,6 +141,18 @@ class EditDataModule(LightningDataModule):
         self.seed, self.shuffle, self.num_workers = seed, shuffle, num_workers
         self.train_set: EditExamples | None = None
         self.val_set: EditExamples | None = None
+        self.shuffle_seed: int | None = None  # fixed by the first train_dataloader or by a checkpoint
+        self.check_files(train_path, val_path)
+
+    @staticmethod
+    def check_files(train_path: str | None, val_path: str | None = None) -> None:
+        """Fail before anything is trained or logged when a data file does not exist.
+
+        ``python -m kedit.train`` calls it on the parsed config, before the loggers are built.
+        """
+        for key, path in (("train_path", train_path), ("val_path", val_path)):
+            if path is not None and not Path(path).is_file():
+                raise DataFileError(f"data.init_args.{key}: no such file: {path}")
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
@@ -137,7 +164,7 @@ class EditDataModule(LightningDataModule):
             val = load_requests(self.val_path, format=self.format, on_error=self.on_error)
         else:
             if self.val_size >= len(train):
-                raise ValueError(f"{self.train_path}: val_size={self.val_size} leaves no training records "
+                raise DataError(f"{self.train_path}: val_size={self.val_size} leaves no training records "
                                  f"(file has {len(train)})")
             held = set(random.Random(self.seed).sample(range(len(train)), self.val_size))
             val = [train[i] for i in sorted(held)]
@@ -150,34 +177,54 @@ class EditDataModule(LightningDataModule):
         self.val_set = EditExamples(val, self.val_path or f"{self.train_path} (held out)")
         log.info("EditDataModule: %d training and %d validation edits", len(train), len(val))
 
-    def _resume_skip(self) -> int:
+    def state_dict(self) -> dict[str, Any]:
+        """Saved in every checkpoint: the seed of the training order."""
+        return {} if self.shuffle_seed is None else {"shuffle_seed": self.shuffle_seed}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if "shuffle_seed" in state:
+            self.shuffle_seed = int(state["shuffle_seed"])
+
+    def _resume_skip(self, batches: int) -> int:
         """Batches of the current epoch a resumed run has already trained on."""
         trainer = getattr(self, "trainer", None)
         if trainer is None:
             return 0
         done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
-        n = len(self.train_dataloader_len())
-        return done if 0 < done < n else 0
-
-    def train_dataloader_len(self) -> range:
-        world = max(1, getattr(self.trainer, "world_size", 1) if getattr(self, "trainer", None) else 1)
-        per_rank = -(-len(self.train_set) // world)
-        return range(-(-per_rank // self.batch_size))
+        return done if 0 < done < batches else 0
 
     def train_dataloader(self) -> DataLoader:
-        skip = self._resume_skip()
+        trainer = getattr(self, "trainer", None)
+        # the sampler Lightning would inject under DDP, built here so that its seed and epoch are ours
+        shard = (trainer.distributed_sampler_kwargs if trainer is not None else None) or {"num_replicas": 1, "rank": 0}
+        if self.shuffle_seed is None:
+            self.shuffle_seed = int(os.getenv("PL_GLOBAL_SEED", 0))
+        sampler = DistributedSampler(self.train_set, shuffle=self.shuffle, seed=self.shuffle_seed,
+                                     num_replicas=shard["num_replicas"], rank=shard["rank"])
+        if trainer is not None:  # Lightning sets it again at each epoch start
+            sampler.set_epoch(trainer.fit_loop.epoch_progress.current.processed)
+        skip = self._resume_skip(-(-len(sampler) // self.batch_size))
         if skip:
-            log.info("resuming mid-epoch: skipping %d batches already trained on", skip)
-        world = getattr(self.trainer, "world_size", 1) if getattr(self, "trainer", None) else 1
-        if world > 1:  # Lightning injects its DistributedSampler
-            return SkippingDataLoader(self.train_set, batch_size=self.batch_size, shuffle=False,
-                                      collate_fn=collate, num_workers=self.num_workers, skip_batches=skip)
-        # the same seeded permutation Lightning's sampler uses, so 1 x 2B == 2 x B
-        sampler = DistributedSampler(self.train_set, num_replicas=1, rank=0, shuffle=self.shuffle,
-                                     seed=int(os.getenv("PL_GLOBAL_SEED", 0)))
+            log.info("resuming epoch %d: skipping %d batches already trained on", sampler.epoch, skip)
         return SkippingDataLoader(self.train_set, batch_size=self.batch_size, sampler=sampler,
                                   collate_fn=collate, num_workers=self.num_workers, skip_batches=skip)
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self.val_set, batch_size=self.val_batch_size, shuffle=False, collate_fn=collate,
                           num_workers=self.num_workers)
+
+
+def check_data_config(data: Any) -> None:
+    """The data files of a parsed ``data`` config (class_path + init_args) exist, if it is an EditDataModule."""
+    import importlib
+
+    if not data or not isinstance(data.get("class_path"), str):
+        return
+    module, _, name = data["class_path"].rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError):
+        return  # LightningCLI reports it
+    if isinstance(cls, type) and issubclass(cls, EditDataModule):
+        args = data.get("init_args") or {}
+        EditDataModule.check_files(args.get("train_path"), args.get("val_path"))
