@@ -236,3 +236,19 @@ def test_wheel_carries_configs_corpus_and_records(fresh_copy, tmp_path):
                for p in folder.rglob("*") if p.is_file() and "__pycache__" not in p.parts}
     assert "kedit/configs/rome/llama.yaml" in shipped and "kedit/resources/NOTICE.md" in shipped
     assert shipped <= names, sorted(shipped - names)
+
+
+def test_training_configs_name_their_data(monkeypatch, tmp_path):
+    """The tiny configs train on the packaged records; the SmolLM2 ones on a named split of the
+    dev data, which without $KEDIT_DATA is one clear error before anything is built."""
+    from kedit.lightning.common import DataFileError
+    from kedit.lightning.data import EditDataModule
+
+    EditDataModule.check_files("counterfact-sample")
+    monkeypatch.delenv("KEDIT_DATA", raising=False)
+    monkeypatch.setenv("KEDIT_CACHE", str(tmp_path))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(DataFileError, match="train_path: dataset counterfact:train is not available.*KEDIT_DATA"):
+        EditDataModule.check_files("counterfact:train")
+    monkeypatch.setenv("KEDIT_DATA", str(_fake_dev_data(tmp_path / "data")))
+    EditDataModule.check_files("counterfact:dev")

@@ -146,12 +146,24 @@ class EditDataModule(LightningDataModule):
 
     @staticmethod
     def check_files(train_path: str | None, val_path: str | None = None) -> None:
-        """Fail before anything is trained or logged when a data file does not exist.
+        """Fail before anything is trained or logged when a data file does not exist. A dataset
+        name (``counterfact:train``, ``counterfact-sample``: :mod:`kedit.data.named`) is resolved
+        to its file here, which downloads it once when it comes from the hub.
 
         ``python -m kedit.train`` calls it on the parsed config, before the loggers are built.
         """
+        from kedit.data import named
+        from kedit.paths import DataNotFound
+
         for key, path in (("train_path", train_path), ("val_path", val_path)):
-            if path is not None and not Path(path).is_file():
+            if path is None:
+                continue
+            if named.is_named(str(path)):
+                try:
+                    named.resolve(str(path))
+                except (DataNotFound, ValueError) as err:
+                    raise DataFileError(f"data.init_args.{key}: {err}") from None
+            elif not Path(path).is_file():
                 raise DataFileError(f"data.init_args.{key}: no such file: {path}")
 
     def setup(self, stage: str | None = None) -> None:
