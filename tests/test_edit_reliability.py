@@ -17,8 +17,16 @@ import kedit
 from kedit.checkpoint import META_KEY, BaseModelMismatch, base_model_identity, load_artifact, read_artifact_meta
 from kedit.data import RequestError
 from kedit.data.encode import context_length
-from kedit.editors.base import (Edit, EditFileError, Editor, EditStack, InvalidEditError, WeightDelta,
-                                base_identity, tensor_hash)
+from kedit.editors.base import (
+    Edit,
+    EditFileError,
+    Editor,
+    EditStack,
+    InvalidEditError,
+    WeightDelta,
+    base_identity,
+    tensor_hash,
+)
 from kedit.editors.mend import MEND, MENDHparams, MENDNet, edited_weights
 from kedit.models.arch import arch_of
 from kedit.testing import tiny_model
@@ -87,9 +95,8 @@ def test_applied_restores_when_second_tensor_has_transposed_shape():
     model, _ = tiny_model("llama")
     snap = snapshot(model)
     edit = two_tensor_delta(model, transpose_second=True)
-    with pytest.raises(InvalidEditError, match="shape"):
-        with edit.applied(model):
-            pass
+    with pytest.raises(InvalidEditError, match="shape"), edit.applied(model):
+        pass
     assert not edit.is_applied
     assert_untouched(model, snap)
 
@@ -98,7 +105,7 @@ def test_interrupt_during_apply_restores_the_tensors_already_applied(monkeypatch
     model, _ = tiny_model("llama")
     snap = snapshot(model)
     edit = two_tensor_delta(model)
-    first, second = edit.names
+    second = edit.names[1]
     delta = WeightDelta.delta
 
     def interrupted(self, name):
@@ -176,7 +183,7 @@ def test_nan_delta_in_file_is_refused_naming_file_and_tensor(tmp_path):
     model, _ = tiny_model("llama")
     path = two_tensor_delta(model).save(tmp_path / "e.safetensors")
     tensors = load_file(str(path))
-    key = sorted(tensors)[0]
+    key = min(tensors)
     tensors[key][0, 0] = float("nan")
     header = header_of(path)
     header["sha256"] = tensor_hash(tensors)  # a consistent file whose content is bad
@@ -337,7 +344,7 @@ def test_context_length_from_config_else_tokenizer():
 
 
 def test_request_longer_than_context_is_refused_before_compute(monkeypatch):
-    import kedit.editors.rome as rome
+    from kedit.editors import rome
 
     def heavy(*args, **kwargs):
         raise AssertionError("the editor started computing")

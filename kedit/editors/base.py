@@ -129,8 +129,8 @@ class Edit(ABC):
     """A change to a model that can be applied, restored bit-exactly, saved and loaded."""
 
     kind: ClassVar[str] = ""
-    source: ClassVar[str | None] = None
-    """The file a loaded edit came from (set per instance by :meth:`load`), for error messages."""
+    source: str | None = None
+    """The file a loaded edit came from (set by :meth:`load`), for error messages."""
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

@@ -102,8 +102,8 @@ def build_adapters(model: nn.Module, modules: list[str], config: Any) -> tuple[n
     config = dataclasses.replace(config, target_modules=list(keys.values()))
     inject_adapter_in_model(config, container, adapter_name=ADAPTER)
     container.to(next(model.parameters()).device)
-    # adapters train in fp32 on fp16/bf16 models: Adam's eps (1e-8) is 0 in fp16 and its
-    # step turns into nan; peft then computes the adapter branch in fp32 and casts back
+    # adapters train in fp32 on fp16/bf16 models (in fp16, Adam's eps 1e-8 rounds to 0 and its
+    # steps turn into inf/nan); peft computes the adapter branch in fp32 and casts it back
     cast_adapter_dtype(container, adapter_name=ADAPTER)
     return container, {name: getattr(container, key) for name, key in keys.items()}
 

@@ -914,7 +914,7 @@ class SERAC(Editor):
             tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
         hp = asdict(self.hparams)
         hp["trained"] = True
-        return save_artifact(path, "serac", tensors, hp, base=base, extra=extra)
+        return save_artifact(path, "serac", tensors, hp, base=self.base if base is None else base, extra=extra)
 
     @classmethod
     def from_artifact(cls, path: str | Path) -> SERAC:
