@@ -91,14 +91,16 @@ def test_editor_returning_nonfinite_delta_raises_naming_editor_and_tensor():
 # --------------------------------------------------------------------------- 4. atomic apply
 
 
-def test_applied_restores_when_second_tensor_has_transposed_shape():
+def test_applied_restores_when_second_tensor_has_transposed_shape(tmp_path):
     model, _ = tiny_model("llama")
     snap = snapshot(model)
     edit = two_tensor_delta(model, transpose_second=True)
-    with pytest.raises(InvalidEditError, match="shape"), edit.applied(model):
-        pass
-    assert not edit.is_applied
-    assert_untouched(model, snap)
+    loaded = Edit.load(edit.save(tmp_path / "e.safetensors"))
+    for e in (edit, loaded):
+        with pytest.raises(InvalidEditError, match="shape"), e.applied(model):
+            pass
+        assert not e.is_applied
+        assert_untouched(model, snap)
 
 
 def test_interrupt_during_apply_restores_the_tensors_already_applied(monkeypatch):
