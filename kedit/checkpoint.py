@@ -59,7 +59,7 @@ def read_artifact_meta(path: str | Path) -> dict[str, Any]:
     """The JSON header of an editor artifact, checked against the schema above."""
     from safetensors import safe_open
 
-    from kedit.editors.base import EditFileError
+    from kedit.editors.base import EditFileError, InvalidEditError
 
     file = artifact_file(path)
     try:
@@ -75,7 +75,7 @@ def read_artifact_meta(path: str | Path) -> dict[str, Any]:
         _check_artifact_meta(meta)
     except (json.JSONDecodeError, RecursionError) as err:
         raise EditFileError(f"{file}: corrupt {META_KEY!r} header: {err}") from None
-    except ValueError as err:  # InvalidEditError
+    except InvalidEditError as err:
         raise EditFileError(f"{file}: {err}") from None
     return meta
 
@@ -84,6 +84,8 @@ def _check_artifact_meta(meta: Any) -> None:
     from kedit.editors.base import InvalidEditError, require, require_strs
 
     where = META_KEY
+    if not isinstance(meta, dict):
+        raise InvalidEditError(f"header {where!r} is a {type(meta).__name__}, not an object")
     version = require(meta, "format", int, where) if "format" in meta else ARTIFACT_FORMAT
     if version != ARTIFACT_FORMAT:
         raise InvalidEditError(f"field '{where}.format' is {version}; this kedit reads format {ARTIFACT_FORMAT}"

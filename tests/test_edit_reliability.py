@@ -290,7 +290,7 @@ def test_mend_artifact_with_bad_hyperparameters_is_refused(tmp_path, hparams, fi
         kedit.load_editor(path)
 
 
-@pytest.mark.parametrize("case", ["no hparams", "base as list", "unknown format", "dims missing"])
+@pytest.mark.parametrize("case", ["no hparams", "base as list", "unknown format", "dims missing", "not an object"])
 def test_malformed_artifact_header_names_file_and_field(tmp_path, case):
     model, _ = tiny_model("llama")
     path = small_mend(model).save(tmp_path / "mend.safetensors")
@@ -304,9 +304,12 @@ def test_malformed_artifact_header_names_file_and_field(tmp_path, case):
     elif case == "unknown format":
         header["format"] = 7
         field = "format"
-    else:
+    elif case == "dims missing":
         del header["extra"]["dims"]
         field = "dims"
+    else:
+        header = 5
+        field = META_KEY
     rewrite(path, header=header, key=META_KEY)
     with pytest.raises(EditFileError, match=rf"mend\.safetensors.*{field}"):
         kedit.load_editor(path)
