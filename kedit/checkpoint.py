@@ -4,13 +4,16 @@ An editor artifact is one safetensors file (or a folder holding ``editor.safeten
 whose header metadata ``"kedit_editor"`` is JSON::
 
     {"format": 1, "editor": "mend", "hparams": {...}, "base": {"name": ..., "hash": ...,
-     "weights": [...]}, "extra": {...}}
+     "weights": [...]}, "extra": {...}, "sha256": ...}
 
 ``load_editor(path)`` reads the header and dispatches to
 ``editor_class(meta["editor"]).from_artifact(path)``. Tensors are plain safetensors (no
 pickle): loading runs no code from the file. The base model's identity (its name and a
 hash of the weights the editor was trained on) travels with the editor, and
 :func:`check_base_identity` refuses a different base model with a clear error.
+``sha256`` (:func:`~kedit.editors.base.tensor_hash` of the tensors) is verified on load;
+files written before it existed load unverified. A malformed header, a corrupt or
+non-finite tensor raises :class:`~kedit.editors.base.EditFileError` naming the file and field.
 """
 
 from __future__ import annotations
@@ -53,37 +56,73 @@ def artifact_file(path: str | Path) -> Path:
 
 
 def read_artifact_meta(path: str | Path) -> dict[str, Any]:
-    """The JSON header of an editor artifact."""
+    """The JSON header of an editor artifact, checked against the schema above."""
     from safetensors import safe_open
+
+    from kedit.editors.base import EditFileError, InvalidEditError
 
     file = artifact_file(path)
     try:
         with safe_open(str(file), framework="pt") as f:
             raw = (f.metadata() or {}).get(META_KEY)
     except Exception as err:  # noqa: BLE001 - safetensors raises several types
-        raise ValueError(f"{file} is not a readable safetensors file: {err}") from None
+        raise EditFileError(f"{file} is not a readable safetensors file: {err}") from None
     if raw is None:
-        raise ValueError(f"{file} is a safetensors file but not a kedit editor artifact "
-                         f"(no {META_KEY!r} header); edits are loaded with kedit.Edit.load")
+        raise EditFileError(f"{file} is a safetensors file but not a kedit editor artifact "
+                            f"(no {META_KEY!r} header); edits are loaded with kedit.Edit.load")
     try:
         meta = json.loads(raw)
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{file}: corrupt {META_KEY!r} header: {err}") from None
-    for key in ("editor", "hparams"):
-        if key not in meta:
-            raise ValueError(f"{file}: editor artifact header has no field {key!r}")
-    if meta.get("format", ARTIFACT_FORMAT) > ARTIFACT_FORMAT:
-        raise ValueError(f"{file}: artifact format {meta['format']} is newer than this kedit "
-                         f"({ARTIFACT_FORMAT}); upgrade kedit")
+        _check_artifact_meta(meta)
+    except (json.JSONDecodeError, RecursionError) as err:
+        raise EditFileError(f"{file}: corrupt {META_KEY!r} header: {err}") from None
+    except InvalidEditError as err:
+        raise EditFileError(f"{file}: {err}") from None
     return meta
 
 
+def _check_artifact_meta(meta: Any) -> None:
+    from kedit.editors.base import InvalidEditError, require, require_strs
+
+    where = META_KEY
+    if not isinstance(meta, dict):
+        raise InvalidEditError(f"header {where!r} is a {type(meta).__name__}, not an object")
+    version = require(meta, "format", int, where) if "format" in meta else ARTIFACT_FORMAT
+    if version != ARTIFACT_FORMAT:
+        raise InvalidEditError(f"field '{where}.format' is {version}; this kedit reads format {ARTIFACT_FORMAT}"
+                               + (" (upgrade kedit)" if version > ARTIFACT_FORMAT else ""))
+    require(meta, "editor", str, where)
+    require(meta, "hparams", dict, where)
+    for key in ("base", "extra"):
+        if key in meta:
+            require(meta, key, dict, where)
+    if "sha256" in meta:
+        require(meta, "sha256", str, where)
+    base = meta.get("base") or {}
+    if base:
+        require(base, "name", str, f"{where}.base")
+        require(base, "hash", str, f"{where}.base")
+        require_strs(base, "weights", f"{where}.base")
+        if "shapes" in base:
+            require(base, "shapes", dict, f"{where}.base")
+
+
 def load_artifact(path: str | Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
-    """(tensors, header) of an editor artifact."""
+    """(tensors, header) of an editor artifact; its checksum and finiteness are verified."""
     from safetensors.torch import load_file
 
+    from kedit.editors.base import EditFileError, verify_checksum
+
     meta = read_artifact_meta(path)
-    return load_file(str(artifact_file(path))), meta
+    file = artifact_file(path)
+    try:
+        tensors = load_file(str(file))
+    except Exception as err:  # noqa: BLE001 - safetensors raises several types
+        raise EditFileError(f"{file} is not a readable safetensors file: {err}") from None
+    verify_checksum(tensors, meta.get("sha256"), file)
+    for key, t in tensors.items():
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise EditFileError(f"{file}: tensor {key!r} has non-finite values (nan or inf)")
+    return tensors, meta
 
 
 def save_artifact(
@@ -97,13 +136,15 @@ def save_artifact(
     """Write an editor artifact. ``path`` ending in ``.safetensors`` is a file, else a folder."""
     from safetensors.torch import save_file
 
+    from kedit.editors.base import tensor_hash
+
     path = Path(path)
     file = path if path.suffix == ".safetensors" else path / ARTIFACT_FILE
     file.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     header = {"format": ARTIFACT_FORMAT, "editor": editor_name, "hparams": dict(hparams),
-              "base": dict(base or {}), "extra": dict(extra or {})}
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(file),
-              metadata={META_KEY: json.dumps(header)})
+              "base": dict(base or {}), "extra": dict(extra or {}), "sha256": tensor_hash(tensors)}
+    save_file(tensors, str(file), metadata={META_KEY: json.dumps(header)})
     log.info("wrote %s editor artifact %s (%.1f MB)", editor_name, file, file.stat().st_size / 2**20)
     return file
 
@@ -167,19 +208,29 @@ def load_editor(path: str | Path, model: nn.Module | None = None):
 
     If ``model`` is given, it is checked to be the base model the editor was trained on.
     """
-    from kedit.editors.base import editor_class
+    from kedit.editors.base import EditFileError, InvalidEditError, editor_class
 
     meta = read_artifact_meta(path)
+    file = artifact_file(path)
     try:
         cls = editor_class(meta["editor"])
     except KeyError as err:
-        raise ValueError(f"{artifact_file(path)}: {err}") from None
+        raise EditFileError(f"{file}: field '{META_KEY}.editor': {err.args[0]}") from None
     if not hasattr(cls, "from_artifact"):
-        raise ValueError(f"{artifact_file(path)}: editor {meta['editor']!r} ({cls.__name__}) cannot be "
-                         "loaded from an artifact (no from_artifact)")
-    editor = cls.from_artifact(path)
+        raise EditFileError(f"{file}: editor {meta['editor']!r} ({cls.__name__}) cannot be "
+                            "loaded from an artifact (no from_artifact)")
+    if not meta.get("base"):
+        log.warning("%s records no base model: the editor cannot refuse a wrong base model", file)
+    try:
+        editor = cls.from_artifact(path)
+    except EditFileError:
+        raise
+    except InvalidEditError as err:
+        raise EditFileError(f"{file}: {err}") from None
+    if not getattr(editor, "base", None):
+        editor.base = dict(meta.get("base") or {})  # checked at every edit (Editor.check_base)
     if model is not None:
-        check_base_identity(meta.get("base"), model, what=f"{meta['editor']} editor")
+        editor.check_base(model)
     return editor
 
 

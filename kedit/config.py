@@ -10,15 +10,30 @@ T = TypeVar("T")
 
 def load_hparams(cls: type[T], path: str | Path) -> T:
     """Parse a YAML file of ``cls``'s fields into a ``cls`` instance, with type checking."""
-    from jsonargparse import ArgumentParser
-
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no config file at {path}")
-    parser = ArgumentParser(exit_on_error=False)
-    parser.add_class_arguments(cls, nested_key=None, fail_untyped=False)
     try:
-        ns = parser.parse_path(str(path))
+        ns = _parser(cls).parse_path(str(path))
     except Exception as err:
         raise ValueError(f"{path}: {err}") from None
     return cls(**ns.as_dict())
+
+
+def hparams_from_dict(cls: type[T], values: dict) -> T:
+    """``cls`` from a dict of its fields (an artifact header), type-checked as YAML is.
+
+    Unknown or mistyped fields raise ``ValueError`` with a one-line message naming the field.
+    """
+    try:
+        return cls(**_parser(cls).parse_object(dict(values)).as_dict())
+    except Exception as err:  # noqa: BLE001 - jsonargparse and __post_init__ raise several types
+        raise ValueError(" ".join(str(err).split())) from None
+
+
+def _parser(cls: type):
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_class_arguments(cls, nested_key=None, fail_untyped=False)
+    return parser

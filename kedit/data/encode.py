@@ -5,10 +5,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
+from kedit.data.request import EditRequest, RequestError
+
 IGNORE = -100
+NO_LIMIT = 10**9
+"""Tokenizers without a known limit report ``model_max_length = int(1e30)``."""
 
 
 def target_ids(tokenizer: PreTrainedTokenizerBase, target: str) -> list[int]:
@@ -18,6 +22,32 @@ def target_ids(tokenizer: PreTrainedTokenizerBase, target: str) -> list[int]:
     if not ids:
         raise ValueError(f"target {target!r} tokenizes to nothing")
     return ids
+
+
+def context_length(model: nn.Module, tokenizer: PreTrainedTokenizerBase) -> int | None:
+    """Most positions the model takes: its config's ``max_position_embeddings`` (``n_positions``),
+    else the tokenizer's ``model_max_length``; None when neither gives a limit."""
+    n = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if not n:
+        n = getattr(tokenizer, "model_max_length", None)
+    return int(n) if n and n < NO_LIMIT else None
+
+
+def check_context(model: nn.Module, tokenizer: PreTrainedTokenizerBase, requests: Sequence[EditRequest]) -> None:
+    """Raise :class:`RequestError` for a request whose prompt and target do not fit the model's
+    context (seq2seq: either one), before any editor spends compute (or memory) on it."""
+    limit = context_length(model, tokenizer)
+    if limit is None:
+        return
+    seq2seq = bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
+    for i, r in enumerate(requests):
+        n_prompt = len(tokenizer(r.prompt, verbose=False)["input_ids"])
+        n_target = len(target_ids(tokenizer, r.target_new))
+        n = max(n_prompt, n_target) if seq2seq else n_prompt + n_target
+        if n > limit:
+            raise RequestError(f"the request is {n} tokens long (prompt {n_prompt}, target {n_target}), more than "
+                               f"the model's context of {limit} tokens", index=i,
+                               field="prompt" if n_prompt >= n_target else "target_new")
 
 
 def encode(

@@ -1,6 +1,7 @@
 """Editors. Each registers here by import path; nothing is imported until used."""
 
-from kedit.editors.base import EDITORS, Edit, EditMismatchError, Editor, EditStack, WeightDelta, editor, register
+from kedit.editors.base import (EDITORS, Edit, EditFileError, EditMismatchError, Editor, EditStack, InvalidEditError,
+                                WeightDelta, editor, register)
 
 register("ft-l", "kedit.editors.ft:FTL")
 register("ft-m", "kedit.editors.ft:FTM")
@@ -11,4 +12,5 @@ register("alphaedit", "kedit.editors.alphaedit:AlphaEdit")
 register("mend", "kedit.editors.mend:MEND")
 register("serac", "kedit.editors.serac:SERAC")
 
-__all__ = ["EDITORS", "Edit", "EditMismatchError", "EditStack", "Editor", "WeightDelta", "editor", "register"]
+__all__ = ["EDITORS", "Edit", "EditFileError", "EditMismatchError", "EditStack", "Editor", "InvalidEditError",
+           "WeightDelta", "editor", "register"]

@@ -9,10 +9,12 @@ memory editors (SERAC) return their own ``Edit`` whose ``apply`` installs a rout
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
+import logging
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +27,8 @@ from transformers import PreTrainedTokenizerBase
 
 from kedit.data.request import EditRequest
 
+log = logging.getLogger(__name__)
+
 FORMAT_VERSION = 1
 
 
@@ -36,6 +40,16 @@ class EditStateError(RuntimeError):
     """``apply`` twice, or ``restore`` before ``apply``."""
 
 
+class InvalidEditError(ValueError):
+    """An edit that must not be applied: non-finite values, a shape that does not fit its
+    weight, or metadata that does not follow the schema."""
+
+
+class EditFileError(InvalidEditError):
+    """A kedit edit or editor file that is malformed, corrupt or of an unknown format.
+    The message names the file and the field."""
+
+
 # --------------------------------------------------------------------------- identity
 
 
@@ -45,7 +59,7 @@ def tensor_hash(tensors: Mapping[str, Tensor]) -> str:
     for name in sorted(tensors):
         t = tensors[name].detach().contiguous().cpu()
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")  # 0-d too
     return h.hexdigest()
 
 
@@ -60,6 +74,51 @@ def base_identity(model: nn.Module, names: Sequence[str]) -> dict[str, str]:
     return {"name": model_name(model), "hash": tensor_hash({n: params[n] for n in names})}
 
 
+def verify_checksum(tensors: Mapping[str, Tensor], expected: Any, source: str | Path) -> None:
+    """Check a file's tensors against the ``sha256`` (:func:`tensor_hash`) its header records.
+
+    Files written before kedit stored checksums have none: they load unverified.
+    """
+    if expected is None:
+        log.debug("%s has no checksum (written by an older kedit): its tensors are not verified", source)
+        return
+    if not isinstance(expected, str) or tensor_hash(tensors) != expected:
+        raise EditFileError(f"{source}: field 'sha256': the tensors do not match the checksum in the "
+                            "header; the file is corrupt")
+
+
+def require(meta: Any, key: str, kind: type | tuple[type, ...], where: str = "meta") -> Any:
+    """``meta[key]`` if it is a ``kind``, else :class:`InvalidEditError` naming the field."""
+    if not isinstance(meta, Mapping):
+        raise InvalidEditError(f"field {where!r} is a {type(meta).__name__}, not an object")
+    if key not in meta:
+        raise InvalidEditError(f"field '{where}.{key}' is missing")
+    value = meta[key]
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+        want = " or ".join(k.__name__ for k in kinds)
+        raise InvalidEditError(f"field '{where}.{key}' is a {type(value).__name__}, not a {want}")
+    return value
+
+
+def require_strs(meta: Any, key: str, where: str = "meta") -> list[str]:
+    """``meta[key]`` if it is a list of strings, else :class:`InvalidEditError` naming the field."""
+    value = require(meta, key, list, where)
+    bad = [i for i, v in enumerate(value) if not isinstance(v, str)]
+    if bad:
+        raise InvalidEditError(f"field '{where}.{key}[{bad[0]}]' is a {type(value[bad[0]]).__name__}, not a str")
+    return value
+
+
+def require_base(meta: Any, where: str = "meta") -> dict[str, Any]:
+    """A recorded base-model identity: a non-empty name and hash."""
+    base = require(meta, "base", dict, where)
+    for key in ("name", "hash"):
+        if not require(base, key, str, f"{where}.base"):
+            raise InvalidEditError(f"field '{where}.base.{key}' is empty")
+    return base
+
+
 # --------------------------------------------------------------------------- Edit
 
 
@@ -70,6 +129,8 @@ class Edit(ABC):
     """A change to a model that can be applied, restored bit-exactly, saved and loaded."""
 
     kind: ClassVar[str] = ""
+    source: str | None = None
+    """The file a loaded edit came from (set by :meth:`load`), for error messages."""
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -104,44 +165,74 @@ class Edit(ABC):
         raise NotImplementedError(f"{cls.__name__} cannot be loaded")
 
     def save(self, path: str | Path) -> Path:
-        """Write a safetensors file whose header holds the edit's kind and metadata as JSON."""
+        """Write a safetensors file whose header holds the edit's kind, metadata and the
+        sha256 of its tensors as JSON."""
         if self.is_applied:
             raise EditStateError("restore the edit before saving it (saved weights are not state)")
         tensors, meta = self.state()
-        header = {"kedit_format": FORMAT_VERSION, "kind": self.kind, "meta": meta}
+        tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+        header = {"kedit_format": FORMAT_VERSION, "kind": self.kind, "meta": meta, "sha256": tensor_hash(tensors)}
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path),
-                  metadata={"kedit": json.dumps(header)})
+        save_file(tensors, str(path), metadata={"kedit": json.dumps(header)})
         return path
 
     @staticmethod
     def load(path: str | Path, model: nn.Module | None = None) -> Edit:
-        """Load an edit saved with :meth:`save`. If ``model`` is given, check it is the base."""
-        from safetensors import safe_open
+        """Load an edit saved with :meth:`save`. If ``model`` is given, check it is the base.
 
+        The format version, the checksum, the metadata schema and the tensors' finiteness
+        are checked; a bad file raises :class:`EditFileError` naming it and the field.
+        """
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"no edit file at {path}")
+        header, tensors = _read_edit_file(path)
         try:
-            with safe_open(str(path), framework="pt") as f:
-                header = json.loads((f.metadata() or {})["kedit"])
-        except KeyError:
-            raise ValueError(f"{path} is a safetensors file but not a kedit edit (no 'kedit' header)") from None
-        except Exception as err:
-            raise ValueError(f"{path} is not a readable kedit edit file: {err}") from None
-        kind = header.get("kind")
-        if kind not in _EDIT_KINDS:
-            _import_edit_kinds()
-        if kind not in _EDIT_KINDS:
-            raise ValueError(f"{path}: unknown edit kind {kind!r}; known: {sorted(_EDIT_KINDS)}")
-        edit = _EDIT_KINDS[kind].from_state(load_file(str(path)), header["meta"])
+            edit = _EDIT_KINDS[header["kind"]].from_state(tensors, header["meta"])
+        except EditFileError:
+            raise
+        except InvalidEditError as err:
+            raise EditFileError(f"{path}: {err}") from None
+        edit.source = str(path)
         if model is not None:
             edit.check_base(model)
         return edit
 
     def check_base(self, model: nn.Module) -> None:
         """Raise :class:`EditMismatchError` if ``model`` is not the model this edit was made for."""
+
+
+def _read_edit_file(path: Path) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    """The checked header and the tensors of an edit file."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            raw = (f.metadata() or {}).get("kedit")
+        tensors = load_file(str(path))
+    except Exception as err:  # noqa: BLE001 - safetensors raises several types
+        raise EditFileError(f"{path} is not a readable safetensors file: {err}") from None
+    if raw is None:
+        raise EditFileError(f"{path} is a safetensors file but not a kedit edit (no 'kedit' header)")
+    try:
+        header = json.loads(raw)
+        version = require(header, "kedit_format", int, "kedit")
+        if version != FORMAT_VERSION:
+            raise InvalidEditError(f"field 'kedit.kedit_format' is {version}; this kedit reads format "
+                                   f"{FORMAT_VERSION}" + (" (upgrade kedit)" if version > FORMAT_VERSION else ""))
+        kind = require(header, "kind", str, "kedit")
+        require(header, "meta", dict, "kedit")
+    except (json.JSONDecodeError, RecursionError) as err:
+        raise EditFileError(f"{path}: corrupt 'kedit' header: {err}") from None
+    except InvalidEditError as err:
+        raise EditFileError(f"{path}: {err}") from None
+    if kind not in _EDIT_KINDS:
+        _import_edit_kinds()
+    if kind not in _EDIT_KINDS:
+        raise EditFileError(f"{path}: field 'kedit.kind': unknown edit kind {kind!r}; known: {sorted(_EDIT_KINDS)}")
+    verify_checksum(tensors, header.get("sha256"), path)
+    return header, tensors
 
 
 def _import_edit_kinds() -> None:
@@ -161,7 +252,9 @@ class WeightDelta(Edit):
 
     Factors are in the parameter's storage orientation (see ``Arch.low_rank_factors``).
     ``base`` records the model name and a hash of the original values of the touched
-    weights; applying onto other weights raises :class:`EditMismatchError`.
+    weights; applying onto other weights raises :class:`EditMismatchError`. A delta is
+    checked when it is made (factor shapes, finite values) and when it is applied (its
+    shape equals the weight's, no broadcasting); ``apply`` changes all weights or none.
     """
 
     factors: dict[str, tuple[Tensor, Tensor]] = field(default_factory=dict)
@@ -171,6 +264,9 @@ class WeightDelta(Edit):
     saved: dict[str, Tensor] = field(default_factory=dict, repr=False)
     kind: ClassVar[str] = "weight_delta"
 
+    def __post_init__(self) -> None:
+        self.validate()
+
     @property
     def names(self) -> list[str]:
         return sorted({*self.factors, *self.dense})
@@ -178,6 +274,22 @@ class WeightDelta(Edit):
     @property
     def is_applied(self) -> bool:
         return bool(self.saved)
+
+    def validate(self) -> None:
+        """Raise :class:`InvalidEditError` unless the factors are (d_out, r), (d_in, r) and every
+        tensor is a finite float tensor."""
+        parts = []
+        for name, (left, right) in self.factors.items():
+            if left.ndim != 2 or right.ndim != 2 or left.shape[1] != right.shape[1]:
+                raise InvalidEditError(f"{name}: factors of shapes {tuple(left.shape)} and {tuple(right.shape)} "
+                                       "are not (d_out, r) and (d_in, r)")
+            parts += [(name, "left factor", left), (name, "right factor", right)]
+        parts += [(name, "dense delta", d) for name, d in self.dense.items()]
+        for name, part, t in parts:
+            if not t.is_floating_point():
+                raise InvalidEditError(f"{name}: the {part} has dtype {t.dtype}, not a float type")
+            if not torch.isfinite(t).all():
+                raise InvalidEditError(f"{name}: the {part} has non-finite values (nan or inf)")
 
     def delta(self, name: str) -> Tensor:
         """The full update of one parameter (sum of its low-rank and dense parts)."""
@@ -191,14 +303,30 @@ class WeightDelta(Edit):
             raise KeyError(name)
         return out
 
-    def check_base(self, model: nn.Module) -> None:
-        if not self.base:
-            return
+    def check_fits(self, model: nn.Module) -> None:
+        """The model has every touched weight, each of exactly the delta's shape."""
+        where = f"{self.source}: " if self.source else ""
         params = dict(model.named_parameters())
         missing = [n for n in self.names if n not in params]
         if missing:
-            raise EditMismatchError(f"edit for {self.base.get('name')!r} touches {missing}, "
+            raise EditMismatchError(f"{where}edit for {self.base.get('name')!r} touches {missing}, "
                                     f"which {model_name(model)!r} does not have")
+        for name in self.names:
+            want = tuple(params[name].shape)
+            shapes = [tuple(self.dense[name].shape)] if name in self.dense else []
+            if name in self.factors:
+                left, right = self.factors[name]
+                shapes.append((left.shape[0], right.shape[0]))
+            bad = [s for s in shapes if s != want]
+            if bad:
+                raise InvalidEditError(f"{where}the delta of {name} has shape {bad[0]}, but the weight has "
+                                       f"shape {want}")
+
+    def check_base(self, model: nn.Module) -> None:
+        self.check_fits(model)
+        if not self.base:
+            return
+        params = dict(model.named_parameters())
         got = tensor_hash({n: params[n] for n in self.names})
         if got != self.base.get("hash"):
             raise EditMismatchError(
@@ -214,11 +342,18 @@ class WeightDelta(Edit):
             raise EditStateError("edit is already applied; restore it first")
         if check:
             self.check_base(model)
+        else:
+            self.check_fits(model)
         params = dict(model.named_parameters())
-        for name in self.names:
-            p = params[name]
-            self.saved[name] = p.detach().clone()
-            p.add_(self.delta(name).to(device=p.device, dtype=p.dtype))
+        try:
+            for name in self.names:
+                p = params[name]
+                self.saved[name] = p.detach().clone()
+                p.add_(self.delta(name).to(device=p.device, dtype=p.dtype))
+        except BaseException:  # also Ctrl-C: all weights or none
+            if self.saved:
+                self.restore(model)
+            raise
 
     @torch.no_grad()
     def restore(self, model: nn.Module) -> None:
@@ -230,6 +365,9 @@ class WeightDelta(Edit):
         self.saved.clear()
 
     def state(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
+        if not self.base:
+            raise InvalidEditError("an edit without a base identity (WeightDelta.base) cannot be saved: "
+                                   "a loaded edit must be able to check the model it is applied to")
         tensors: dict[str, Tensor] = {}
         for name, (left, right) in self.factors.items():
             tensors[f"factors.{name}.left"] = left
@@ -240,16 +378,24 @@ class WeightDelta(Edit):
 
     @classmethod
     def from_state(cls, tensors: dict[str, Tensor], meta: dict[str, Any]) -> WeightDelta:
-        factors: dict[str, list[Tensor]] = {}
+        base = require_base(meta)
+        info = require(meta, "info", dict) if "info" in meta else {}
+        factors: dict[str, list[Tensor | None]] = {}
         dense: dict[str, Tensor] = {}
         for key, t in tensors.items():
-            if key.startswith("factors."):
-                name, side = key[len("factors."):].rsplit(".", 1)
+            name, _, side = key[len("factors."):].rpartition(".")
+            if key.startswith("factors.") and name and side in ("left", "right"):
                 factors.setdefault(name, [None, None])[side == "right"] = t
-            elif key.startswith("dense."):
+            elif key.startswith("dense.") and len(key) > len("dense."):
                 dense[key[len("dense."):]] = t
-        return cls(factors={n: (lr[0], lr[1]) for n, lr in factors.items()}, dense=dense,
-                   base=meta.get("base", {}), info=meta.get("info", {}))
+            else:
+                raise InvalidEditError(f"unexpected tensor {key!r} (expected 'factors.<weight>.left', "
+                                       "'factors.<weight>.right' or 'dense.<weight>')")
+        for name, pair in factors.items():
+            for side, t in zip(("left", "right"), pair):
+                if t is None:
+                    raise InvalidEditError(f"tensor 'factors.{name}.{side}' is missing")
+        return cls(factors={n: (lr[0], lr[1]) for n, lr in factors.items()}, dense=dense, base=base, info=info)
 
 
 @dataclass
@@ -265,13 +411,16 @@ class EditStack(Edit):
         return self._applied > 0
 
     def push(self, edit: Edit, model: nn.Module | None = None) -> None:
-        """Add an edit; if the stack is applied (and ``model`` given), apply it on top."""
-        self.edits.append(edit)
+        """Add an edit; if the stack is applied (and ``model`` given), apply it on top.
+
+        An edit that fails to apply is not added.
+        """
         if self._applied:
             if model is None:
                 raise EditStateError("the stack is applied: pass the model to push onto it")
             edit.apply(model)
             self._applied += 1
+        self.edits.append(edit)
 
     def apply(self, model: nn.Module) -> None:
         if self._applied:
@@ -300,13 +449,25 @@ class EditStack(Edit):
 
     @classmethod
     def from_state(cls, tensors: dict[str, Tensor], meta: dict[str, Any]) -> EditStack:
+        subs = require(meta, "edits", list)
         edits = []
-        for i, sub in enumerate(meta["edits"]):
+        for i, sub in enumerate(subs):
+            where = f"meta.edits[{i}]"
+            kind = require(sub, "kind", str, where)
+            sub_meta = require(sub, "meta", dict, where)
+            if kind not in _EDIT_KINDS:
+                _import_edit_kinds()
+            if kind not in _EDIT_KINDS:
+                raise InvalidEditError(f"field '{where}.kind': unknown edit kind {kind!r}")
             prefix = f"{i}/"
             mine = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-            if sub["kind"] not in _EDIT_KINDS:
-                _import_edit_kinds()
-            edits.append(_EDIT_KINDS[sub["kind"]].from_state(mine, sub["meta"]))
+            try:
+                edits.append(_EDIT_KINDS[kind].from_state(mine, sub_meta))
+            except InvalidEditError as err:
+                raise InvalidEditError(f"{where}: {err}") from None
+        stray = [k for k in tensors if k.split("/", 1)[0] not in {str(i) for i in range(len(subs))}]
+        if stray:
+            raise InvalidEditError(f"unexpected tensor {stray[0]!r}: the stack has {len(subs)} edits")
         return cls(edits=edits)
 
     def check_base(self, model: nn.Module) -> None:
@@ -330,7 +491,12 @@ def as_requests(requests: Requests) -> list[EditRequest]:
 
 
 class Editor(ABC):
-    """Computes edits. ``edit`` never changes the model it is given."""
+    """Computes edits. ``edit`` never changes the model it is given.
+
+    Every subclass's ``edit`` runs inside :func:`checked_edit`: requests are validated and
+    fit the model's context, a trained editor's base model is checked, and an edit with
+    non-finite or malformed tensors raises :class:`InvalidEditError` naming the editor.
+    """
 
     name: ClassVar[str] = ""
     Hparams: ClassVar[type] = object
@@ -341,13 +507,60 @@ class Editor(ABC):
         elif overrides:
             hparams = dataclasses.replace(hparams, **overrides)
         self.hparams = hparams
+        self.base: dict[str, Any] = {}
+        """A trained editor's base model (name, hash, hashed weights; see kedit.checkpoint);
+        empty: the editor works on any model."""
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "edit" in cls.__dict__:
+            cls.edit = checked_edit(cls.__dict__["edit"])
 
     @abstractmethod
     def edit(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, requests: Requests) -> Edit:
         """Compute the edit for ``requests`` (one or a batch); leave ``model`` untouched."""
 
+    def check_base(self, model: nn.Module) -> None:
+        """A trained editor refuses a model other than its base (``BaseModelMismatch``).
+
+        The hash is computed once per model and state of the hashed weights.
+        """
+        base = getattr(self, "base", None)
+        if not base:
+            return
+        from kedit.checkpoint import check_base_identity
+
+        params = dict(model.named_parameters())
+        key = (id(model), tuple((params[n].data_ptr(), params[n]._version)
+                                for n in base.get("weights") or [] if n in params))
+        if key != getattr(self, "_base_checked", None):
+            check_base_identity(base, model, what=f"{self.name} editor")
+            self._base_checked = key
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.hparams})"
+
+
+def checked_edit(edit: Callable[..., Edit]) -> Callable[..., Edit]:
+    """Wrap an editor's ``edit`` with the checks every edit gets (see :class:`Editor`)."""
+
+    @functools.wraps(edit)
+    def checked(self: Editor, model: nn.Module, tokenizer: PreTrainedTokenizerBase, requests: Requests,
+                *args: Any, **kwargs: Any) -> Edit:
+        from kedit.data.encode import check_context
+
+        reqs = as_requests(requests)
+        check_context(model, tokenizer, reqs)
+        self.check_base(model)
+        try:
+            return edit(self, model, tokenizer, reqs, *args, **kwargs)
+        except EditFileError:
+            raise
+        except InvalidEditError as err:
+            raise InvalidEditError(f"editor {self.name!r} made an invalid edit on {model_name(model)!r}: "
+                                   f"{err}") from None
+
+    return checked
 
 
 # Name -> "module:Class". Imported on first use, so importing kedit stays light.

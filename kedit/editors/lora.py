@@ -89,9 +89,11 @@ def _proxy(module: nn.Module) -> nn.Module:
 def build_adapters(model: nn.Module, modules: list[str], config: Any) -> tuple[nn.Module, dict[str, nn.Module]]:
     """peft LoRA layers around detached proxies of ``modules`` (``config.target_modules`` is replaced).
 
-    Returns the container holding them and a map from each model module name to its LoRA layer.
+    The adapter weights are fp32 whatever the model's dtype. Returns the container holding
+    them and a map from each model module name to its LoRA layer.
     """
     from peft import inject_adapter_in_model
+    from peft.tuners.tuners_utils import cast_adapter_dtype
 
     keys = {name: f"m{i}" for i, name in enumerate(modules)}
     container = nn.Module()
@@ -100,6 +102,9 @@ def build_adapters(model: nn.Module, modules: list[str], config: Any) -> tuple[n
     config = dataclasses.replace(config, target_modules=list(keys.values()))
     inject_adapter_in_model(config, container, adapter_name=ADAPTER)
     container.to(next(model.parameters()).device)
+    # adapters train in fp32 on fp16/bf16 models (in fp16, Adam's eps 1e-8 rounds to 0 and its
+    # steps turn into inf/nan); peft computes the adapter branch in fp32 and casts it back
+    cast_adapter_dtype(container, adapter_name=ADAPTER)
     return container, {name: getattr(container, key) for name, key in keys.items()}
 
 

@@ -289,7 +289,6 @@ class MEND(Editor):
         super().__init__(hparams, **overrides)
         self.net = net
         self.base = base or {}
-        self._checked: tuple | None = None
 
     # -- construction
     def build(self, model: nn.Module) -> MENDNet:
@@ -312,22 +311,37 @@ class MEND(Editor):
     @classmethod
     def from_artifact(cls, path: str | Path) -> MEND:
         """A trained MEND from an editor artifact (see :mod:`kedit.checkpoint`)."""
-        from kedit.checkpoint import artifact_file, load_artifact
+        from kedit.checkpoint import META_KEY, artifact_file, load_artifact
+        from kedit.config import hparams_from_dict
+        from kedit.editors.base import EditFileError, require
 
         tensors, meta = load_artifact(path)
+        file = artifact_file(path)
         if meta["editor"] != cls.name:
-            raise ValueError(f"{artifact_file(path)} holds a {meta['editor']!r} editor, not {cls.name!r}")
-        known = {f.name for f in dataclasses.fields(MENDHparams)}
-        hparams = MENDHparams(**{k: v for k, v in meta["hparams"].items() if k in known})
-        dims = (meta.get("extra") or {}).get("dims")
-        if not dims:
-            raise ValueError(f"{artifact_file(path)}: MEND artifact has no 'extra.dims' (edited weight shapes)")
+            raise EditFileError(f"{file} holds a {meta['editor']!r} editor, not {cls.name!r}")
+        try:
+            hparams = hparams_from_dict(MENDHparams, meta["hparams"])
+        except ValueError as err:
+            raise EditFileError(f"{file}: field '{META_KEY}.hparams': {err}") from None
+        try:
+            dims = require(meta.get("extra") or {}, "dims", dict, f"{META_KEY}.extra")
+        except ValueError as err:
+            raise EditFileError(f"{file}: {err} (the edited weights' shapes)") from None
+        bad = [n for n, v in dims.items()
+               if not (isinstance(v, list) and len(v) == 2 and all(type(x) is int and x > 0 for x in v))]
+        if not dims or bad:
+            raise EditFileError(f"{file}: field '{META_KEY}.extra.dims' must map each weight to [d_out, d_in]"
+                                + (f"; {bad[0]!r} is {dims[bad[0]]!r}" if bad else ", and is empty"))
         net = MENDNet(hparams, {n: tuple(v) for n, v in dims.items()})
         tensors = {k: v.float() if k.startswith("mlps.") else v for k, v in tensors.items()}
-        missing, unexpected = net.load_state_dict(tensors, strict=False)
-        if missing or unexpected:
-            raise ValueError(f"{artifact_file(path)}: tensors do not fit the MEND hypernetwork its header "
-                             f"describes: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        want = net.state_dict()
+        missing = [k for k in want if k not in tensors]
+        unexpected = [k for k in tensors if k not in want]
+        misshapen = [k for k in want if k in tensors and tensors[k].shape != want[k].shape]
+        if missing or unexpected or misshapen:
+            raise EditFileError(f"{file}: tensors do not fit the MEND hypernetwork its header describes: "
+                                f"missing {missing[:5]}, unexpected {unexpected[:5]}, wrong shape {misshapen[:5]}")
+        net.load_state_dict(tensors)
         return cls(hparams, net=net.eval(), base=meta.get("base"))
 
     def artifact_state(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
@@ -345,26 +359,14 @@ class MEND(Editor):
         return save_artifact(path, self.name, tensors, self.hparams.as_dict(), self.base, extra)
 
     # -- editing
-    def _check_base(self, model: nn.Module) -> None:
-        if not self.base:
-            return
-        from kedit.checkpoint import check_base_identity
-
-        params = dict(model.named_parameters())
-        names = self.base.get("weights") or []
-        key = (id(model), tuple((params[n].data_ptr(), params[n]._version) for n in names if n in params))
-        if key != self._checked:
-            check_base_identity(self.base, model, what="MEND editor")
-            self._checked = key
-
     def edit(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, requests: Requests) -> WeightDelta:
         """One forward + backward on the edit prompts, then the hypernetwork (Eq. 5).
 
         Several requests are edited together: their ΔW are summed (factors concatenated).
+        A trained MEND refuses a model other than its base (``Editor.check_base``).
         """
         reqs = as_requests(requests)
         net = self.build(model)
-        self._check_base(model)
         arch = arch_of(model)
         missing = [n for n in net.names if n not in dict(model.named_parameters())]
         if missing:

@@ -54,12 +54,17 @@ from transformers import PreTrainedTokenizerBase
 
 from kedit.editors.base import (
     Edit,
+    EditFileError,
     EditMismatchError,
     Editor,
     EditStateError,
+    InvalidEditError,
     Requests,
     as_requests,
     model_name,
+    require,
+    require_base,
+    require_strs,
     tensor_hash,
 )
 
@@ -315,9 +320,10 @@ class SERACMemory(Edit):
     def apply(self, model: nn.Module, check: bool = True) -> None:
         if self._router is not None:
             raise EditStateError("SERAC memory is already applied; restore it first")
+        editor = self.resolve_editor()
         if check:
             self.check_base(model)
-        editor = self.resolve_editor()
+            editor.check_base(model)  # a trained SERAC only answers for its own base model
         if self.tokenizer is None:  # a loaded memory: the editor's last base tokenizer, else the model's
             self.tokenizer = editor.base_tokenizer or _tokenizer_for(model)
         editor.prepare(model, self.tokenizer)
@@ -341,9 +347,19 @@ class SERACMemory(Edit):
 
     @classmethod
     def from_state(cls, tensors: dict[str, Tensor], meta: dict[str, Any]) -> SERACMemory:
-        return cls(descriptors=list(meta["descriptors"]), prompts=list(meta["prompts"]),
-                   targets=list(meta["targets"]), embeddings=tensors.get("embeddings"),
-                   base=dict(meta.get("base") or {}), editor_ref=dict(meta.get("editor") or {}))
+        fields = {key: require_strs(meta, key) for key in ("descriptors", "prompts", "targets")}
+        if len({len(v) for v in fields.values()}) > 1:
+            raise InvalidEditError("fields 'meta.descriptors', 'meta.prompts' and 'meta.targets' differ in length")
+        base = require_base(meta)
+        editor_ref = require(meta, "editor", dict) if "editor" in meta else {}
+        emb = tensors.pop("embeddings", None)
+        if tensors:
+            raise InvalidEditError(f"unexpected tensor {next(iter(tensors))!r}")
+        if emb is not None and (emb.ndim != 2 or len(emb) != len(fields["descriptors"])
+                                or not emb.is_floating_point() or not torch.isfinite(emb).all()):
+            raise InvalidEditError(f"tensor 'embeddings' ({tuple(emb.shape)}, {emb.dtype}) is not a finite "
+                                   f"(n_descriptors={len(fields['descriptors'])}, d) float matrix")
+        return cls(**fields, embeddings=emb, base=base, editor_ref=editor_ref)
 
 
 def _cheap_identity(model: nn.Module) -> dict[str, str]:
@@ -898,32 +914,52 @@ class SERAC(Editor):
             tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
         hp = asdict(self.hparams)
         hp["trained"] = True
-        return save_artifact(path, "serac", tensors, hp, base=base, extra=extra)
+        return save_artifact(path, "serac", tensors, hp, base=self.base if base is None else base, extra=extra)
 
     @classmethod
     def from_artifact(cls, path: str | Path) -> SERAC:
-        from kedit.checkpoint import artifact_file, check_base_identity, load_artifact
+        from kedit.checkpoint import META_KEY, artifact_file, check_base_identity, load_artifact
+        from kedit.config import hparams_from_dict
 
         tensors, meta = load_artifact(path)
-        ed = cls(SERACHparams(**meta["hparams"]))
-        ed.artifact = str(artifact_file(path))
+        file = artifact_file(path)
+        if meta["editor"] != cls.name:
+            raise EditFileError(f"{file} holds a {meta['editor']!r} editor, not {cls.name!r}")
+        try:
+            hparams = hparams_from_dict(SERACHparams, meta["hparams"])
+        except ValueError as err:
+            raise EditFileError(f"{file}: field '{META_KEY}.hparams': {err}") from None
         extra = meta.get("extra", {})
+        try:
+            lists = {key: require_strs(extra, key, f"{META_KEY}.extra") if key in extra else []
+                     for key in ("classifier_trainable", "counterfactual_delta")}
+        except InvalidEditError as err:
+            raise EditFileError(f"{file}: {err}") from None
+        missing = [f"counterfactual.{n}.{side}" for n in lists["counterfactual_delta"] for side in ("left", "right")
+                   if f"counterfactual.{n}.{side}" not in tensors]
+        missing += [f"classifier.{n}" for n in lists["classifier_trainable"] if f"classifier.{n}" not in tensors]
+        if missing:
+            raise EditFileError(f"{file}: missing tensor {missing[0]!r} (listed in its header)")
+        ed = cls(hparams)
+        ed.artifact = str(file)
+        ed.base = dict(meta.get("base") or {})
         clf = ed.load_classifier()
-        trainable = set(extra.get("classifier_trainable", []))
+        trainable = set(lists["classifier_trainable"])
         for n, p in clf.named_parameters():
             p.requires_grad_(n in trainable)
         if extra.get("classifier_frozen_hash") and clf.frozen_identity() != extra["classifier_frozen_hash"]:
             raise EditMismatchError(f"{path}: the classifier backbone {ed.hparams.classifier!r} installed here "
                                     "differs from the one this SERAC was trained on")
         params = dict(clf.named_parameters())
+        unknown = [n for n in trainable if n not in params or tensors[f"classifier.{n}"].shape != params[n].shape]
+        if unknown:
+            raise EditFileError(f"{file}: tensor 'classifier.{unknown[0]}' does not fit the classifier "
+                                f"{ed.hparams.classifier!r}")
         with torch.no_grad():
             for n in trainable:
-                key = f"classifier.{n}"
-                if key not in tensors:
-                    raise ValueError(f"{path}: missing tensor {key!r}")
-                params[n].copy_(tensors[key].to(params[n].dtype))
+                params[n].copy_(tensors[f"classifier.{n}"].to(params[n].dtype))
         clf.requires_grad_(False)
-        names = extra.get("counterfactual_delta", [])
+        names = lists["counterfactual_delta"]
         ed.cf_delta = {n: (tensors[f"counterfactual.{n}.left"].float(), tensors[f"counterfactual.{n}.right"].float())
                        for n in names}
         if names:
@@ -941,8 +977,11 @@ def merge_low_rank(model: nn.Module, delta: dict[str, tuple[Tensor, Tensor]]) ->
     params = dict(model.named_parameters())
     for name, (left, right) in delta.items():
         if name not in params:
-            raise KeyError(f"counterfactual model has no weight {name!r}")
+            raise InvalidEditError(f"the counterfactual model has no weight {name!r}")
         p = params[name]
+        if left.ndim != 2 or right.ndim != 2 or (left.shape[0], right.shape[0]) != tuple(p.shape):
+            raise InvalidEditError(f"counterfactual update of {name}: factors {tuple(left.shape)} and "
+                                   f"{tuple(right.shape)} do not make its shape {tuple(p.shape)}")
         p.add_((left @ right.T).to(device=p.device, dtype=p.dtype))
 
 
