@@ -144,7 +144,10 @@ def save_artifact(
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     header = {"format": ARTIFACT_FORMAT, "editor": editor_name, "hparams": dict(hparams),
               "base": dict(base or {}), "extra": dict(extra or {}), "sha256": tensor_hash(tensors)}
-    save_file(tensors, str(file), metadata={META_KEY: json.dumps(header)})
+    from kedit.atomic import atomic_path
+
+    with atomic_path(file) as tmp:  # a killed save leaves no partial file (kedit.atomic)
+        save_file(tensors, str(tmp), metadata={META_KEY: json.dumps(header)})
     log.info("wrote %s editor artifact %s (%.1f MB)", editor_name, file, file.stat().st_size / 2**20)
     return file
 

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -116,3 +117,29 @@ def test_old_versions_leftovers_are_removed_from_caches_by_age(tmp_path):
     assert sweep_temporaries(tmp_path, max_age=-1) == []  # not a cache folder: not ours to judge
     assert sorted(p.name for p in sweep_temporaries(tmp_path, max_age=-1, cache=True)) == sorted(names)
     assert [p.name for p in tmp_path.iterdir()] == ["keep.safetensors"]
+
+
+def test_edit_and_artifact_saves_are_atomic(tmp_path, monkeypatch):
+    """Edit.save and an editor artifact write through atomic_path: a save interrupted inside
+    safetensors leaves neither a partial file nor a temporary, and the old file intact."""
+    import torch
+    from kedit.checkpoint import save_artifact
+    from kedit.editors import base
+    from kedit.editors.base import WeightDelta
+
+    edit = WeightDelta(dense={"w": torch.ones(2, 3)}, base={"model": "m", "hash": "h"})
+    dest = edit.save(tmp_path / "e.safetensors")
+    before = dest.read_bytes()
+
+    def interrupted(tensors, filename, metadata=None):
+        Path(filename).write_bytes(b"partial")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(base, "save_file", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        edit.save(dest)
+    assert dest.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["e.safetensors"]
+    monkeypatch.setattr("safetensors.torch.save_file", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        save_artifact(tmp_path / "a.safetensors", "mend", {"x": torch.zeros(2)}, {})
+    assert [p.name for p in tmp_path.iterdir()] == ["e.safetensors"]

@@ -172,10 +172,11 @@ class Edit(ABC):
         tensors, meta = self.state()
         tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
         header = {"kedit_format": FORMAT_VERSION, "kind": self.kind, "meta": meta, "sha256": tensor_hash(tensors)}
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_file(tensors, str(path), metadata={"kedit": json.dumps(header)})
-        return path
+        from kedit.atomic import atomic_path
+
+        with atomic_path(path) as tmp:  # a killed save leaves no partial file (kedit.atomic)
+            save_file(tensors, str(tmp), metadata={"kedit": json.dumps(header)})
+        return Path(path)
 
     @staticmethod
     def load(path: str | Path, model: nn.Module | None = None) -> Edit:
