@@ -118,6 +118,7 @@ def main(args: list[str] | None = None) -> None:
     from kedit.checkpoint import BaseModelMismatch
     from kedit.data.request import RequestError
     from kedit.lightning.common import TrainSetupError
+    from kedit.models.loading import MissingModelPackage, ModelNotFound
     from kedit.lightning.wandb_tmp import import_wandb
 
     import_wandb()  # before the config is parsed: parsing the W&B logger's signature imports wandb
@@ -129,8 +130,14 @@ def main(args: list[str] | None = None) -> None:
             save_config_kwargs={"overwrite": True},
             args=args,
         )
-    except (TrainSetupError, RequestError, BaseModelMismatch) as err:  # the user's to fix: one line
-        raise SystemExit(f"error: {err}") from None
+    except Exception as err:  # noqa: BLE001 - the user's errors become one line, others propagate
+        user = (TrainSetupError, RequestError, BaseModelMismatch, ModelNotFound, MissingModelPackage)
+        cause: BaseException | None = err
+        while cause is not None and not isinstance(cause, user):  # jsonargparse wraps what __init__ raised
+            cause = cause.__cause__ or cause.__context__
+        if cause is None:
+            raise
+        raise SystemExit(f"error: {cause}") from None
 
 
 if __name__ == "__main__":

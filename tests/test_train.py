@@ -162,6 +162,21 @@ def test_cli_missing_data_file_is_one_line_before_loggers(tmp_path, monkeypatch)
     assert not (tmp_path / "logs").exists() and not (tmp_path / "checkpoints").exists()
 
 
+def test_cli_unknown_model_is_one_line(tmp_path, monkeypatch):
+    """A model that is no offline model, no folder and not on the (offline) hub: one line listing
+    the offline names, although jsonargparse wraps what the module's __init__ raised."""
+    from kedit.train import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    args = ["fit", "--config", str(ROOT / "configs" / "mend" / "tiny-llama.yaml"), "--trainer.logger=false",
+            "--model.init_args.model=nosuch-model"]
+    with pytest.raises(SystemExit) as exit_:
+        main(args)
+    message = str(exit_.value)
+    assert message.startswith("error: no model 'nosuch-model'") and "smollm2-135m" in message and "\n" not in message
+
+
 @pytest.mark.parametrize("content", ["[]", "[42]", "{not json"], ids=["empty", "bad-record", "not-json"])
 def test_cli_unusable_data_file_is_one_line(tmp_path, monkeypatch, content):
     """A data file with nothing to train on: one line that names the file (was a traceback)."""
