@@ -92,7 +92,9 @@ def editor_choices(checkpoints: Path | None) -> list[EditorChoice]:
 def hparams_yaml(hparams: Any) -> str:
     import yaml
 
-    return yaml.safe_dump(dataclasses.asdict(hparams), sort_keys=False, default_flow_style=None)
+    # one key a line, lists inline (``layers: [5]``), as the shipped configs are written
+    return "".join(yaml.safe_dump({k: v}, default_flow_style=None, width=1000)
+                   for k, v in dataclasses.asdict(hparams).items())
 
 
 def parse_hparams(cls: type, text: str) -> Any:
