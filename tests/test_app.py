@@ -25,7 +25,7 @@ def fact(wb: Workbench, target: str = "Rome", neighbours: str = "The capital of 
 @pytest.fixture
 def wb(tiny) -> Workbench:
     model, tok = tiny("llama")
-    return Workbench(model, tok, "tiny-llama", max_new_tokens=4)
+    return Workbench(model, tok, "tiny-llama-app", max_new_tokens=4)
 
 
 def state(model) -> dict[str, torch.Tensor]:
@@ -161,6 +161,20 @@ def test_editors_offer_every_registered_one_and_the_trained_checkpoints(wb):
     assert set(EDITORS) <= set(labels)
     assert any(label.startswith("mend (trained") for label in labels)
     assert "layers: [5]" in wb.hparams_text("rome")  # the tuned llama config
+
+
+def test_the_shown_hyperparameters_parse_back_to_the_same_values(wb):
+    from kedit.app.core import parse_hparams
+    from kedit.editors.base import EDITORS
+
+    for name in EDITORS:
+        ed = wb.editor(name)
+        assert parse_hparams(type(ed.hparams), wb.hparams_text(name)) == ed.hparams, name
+
+
+def test_edited_hyperparameters_are_used(wb):
+    text = wb.hparams_text("ft-m").replace("num_steps: 25", "num_steps: 3")
+    assert wb.editor("ft-m", text).hparams.num_steps == 3
 
 
 def test_fill_from_an_example_gives_the_records_fields(wb):

@@ -93,8 +93,11 @@ def hparams_yaml(hparams: Any) -> str:
     import yaml
 
     # one key a line, lists inline (``layers: [5]``), as the shipped configs are written
-    return "".join(yaml.safe_dump({k: v}, default_flow_style=None, width=1000)
-                   for k, v in dataclasses.asdict(hparams).items())
+    def value(v: Any) -> str:
+        text = yaml.safe_dump(v, default_flow_style=True, width=1000).strip()
+        return text.removesuffix("...").strip()  # a bare scalar ends its document with "..."
+
+    return "".join(f"{k}: {value(v)}\n" for k, v in dataclasses.asdict(hparams).items())
 
 
 def parse_hparams(cls: type, text: str) -> Any:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -59,7 +60,8 @@ def history_markdown(history: list[HistoryRow]) -> str:
 
 def state_markdown(wb: Workbench) -> str:
     n, fp = wb.snapshot()
-    return f"**{wb.model_name}** · edits applied: **{n}** · fingerprint `{fp}`"
+    now = time.strftime("%H:%M:%S")
+    return f"**{wb.model_name}** · edits applied: **{n}** · fingerprint `{fp}` · read at {now}.{int(time.time() * 1000) % 1000:03d}"
 
 
 def build(wb: Workbench) -> Any:
@@ -77,7 +79,7 @@ def build(wb: Workbench) -> Any:
         n, fp = wb.snapshot()
         return f"❌ {err}  \n*The model is unchanged ({n} edit(s) applied, fingerprint `{fp}`).*"
 
-    with gr.Blocks(title="kedit: live knowledge editing") as page:
+    with gr.Blocks(title="kedit: live knowledge editing", analytics_enabled=False) as page:
         gr.Markdown("## kedit — edit a fact, compare before and after, undo, share")
         with gr.Row():
             state = gr.Markdown(state_markdown(wb), elem_id="state")
@@ -174,14 +176,14 @@ def build(wb: Workbench) -> Any:
 
         def on_upload(file):
             if file is None:
-                return gr.update(), gr.update(), gr.update(), gr.update()
+                return gr.update(), gr.update(), gr.update(), gr.update(), None
             path = file if isinstance(file, str) else getattr(file, "name", str(file))
             try:
                 message = wb.upload(path)
-            except USER_ERRORS as err:
-                return refused(err), gr.update(), history_markdown(wb.history), state_markdown(wb)
+            except USER_ERRORS as err:  # the box is emptied, ready for the next file
+                return refused(err), gr.update(), history_markdown(wb.history), state_markdown(wb), None
             return ok(message), rows_markdown(wb.answers_now(), edited=False), history_markdown(wb.history), \
-                state_markdown(wb)
+                state_markdown(wb), None
 
         def on_evaluate(progress=gr.Progress(track_tqdm=True)):
             try:
@@ -196,10 +198,13 @@ def build(wb: Workbench) -> Any:
                     main)
         undo.click(lambda: after_undo(wb.undo), None, main)
         restore.click(lambda: after_undo(wb.restore_all), None, main)
-        refresh.click(lambda: state_markdown(wb), None, state)
+        refresh.click(lambda: state_markdown(wb), None, state, show_progress="hidden")
         chat_btn.click(on_chat, chat_in, [chat_out, status])
         download.click(on_download, what, [file_out, status])
-        upload.upload(on_upload, upload, main)
+        upload.upload(on_upload, upload, [*main, upload])
+        # a page opened (or reloaded) later shows the shared model as it now stands
+        page.load(lambda: (state_markdown(wb), history_markdown(wb.history)), None, [state, history],
+                  show_progress="hidden")
         eval_btn.click(on_evaluate, None, [eval_out, status])
     page.queue(default_concurrency_limit=4)
     return page
