@@ -32,6 +32,7 @@ EDIT_WAIT = 240  # seconds for a ROME edit and its before/after answers on a loa
 PROMPT, SUBJECT, TARGET = "The Eiffel Tower is located in the city of", "Eiffel Tower", "Rome"
 NEIGHBOURS = "The Louvre is located in the city of\nThe capital of France is"
 TIMINGS: dict[str, float] = {}
+BUSY = re.compile(r"^\s*(processing|queue|[\d.]+\s*s\b)")
 
 
 def _need_browser():
@@ -95,6 +96,7 @@ class Page:
         self.driver = _driver()
         self.driver.get(url)
         self.wait_for(lambda: self.driver.find_elements(By.ID, "apply"), 60, "the page to load")
+        self.refreshed_state()  # the state line as of now, whatever the page was built with
 
     def close(self) -> None:
         self.driver.quit()
@@ -118,10 +120,14 @@ class Page:
             return ""
 
     def type(self, elem_id: str, text: str) -> None:
+        from selenium.webdriver.common.keys import Keys
+
         box = self.el(elem_id).find_element(self.By.CSS_SELECTOR, "textarea, input")
-        box.clear()
+        box.send_keys(Keys.CONTROL, "a")  # keystrokes, so that the page sees the change
+        box.send_keys(Keys.DELETE)
         if text:
-            box.send_keys(text)
+            box.send_keys(text)  # "\n" is Enter: a new line in a multi-line box
+        assert box.get_attribute("value") == text, (elem_id, box.get_attribute("value"))
 
     def click(self, elem_id: str) -> None:
         self.driver.execute_script("arguments[0].scrollIntoView({block: 'center'});", self.el(elem_id))
@@ -149,6 +155,8 @@ class Page:
 
         def done():
             s = self.text("status")
+            if BUSY.match(s):  # gradio's timer over the old message: the step is running
+                return False
             if s != old and "❌" in s and "❌" not in expect:
                 raise AssertionError(f"the page refused the step: {s}")
             return s != old and expect in s and s
@@ -206,6 +214,9 @@ def test_flow1_apply_rome_edit(page, app, shared):
     SCREENSHOT.parent.mkdir(exist_ok=True)
     page.driver.execute_script("window.scrollTo(0, 0);")
     page.driver.save_screenshot(str(SCREENSHOT))
+    shared["edited"] = page.state()
+    shared["edit file"] = _download(page, shared, "eiffel-rome.safetensors")  # shared in flow 4
+    assert page.state() == shared["edited"]  # saving leaves the edit applied
 
 
 def test_flow2_undo(page, shared):
@@ -244,27 +255,24 @@ def _download(page, shared, name: str) -> Path:
 def _upload(page, path: Path, expect: str) -> str:
     old = page.text("status")
     page.el("upload").find_element(page.By.CSS_SELECTOR, "input[type=file]").send_keys(str(path))
-    return page.wait_for(lambda: (s := page.text("status")) != old and expect in s and s, 60,
+    return page.wait_for(lambda: not BUSY.match(s := page.text("status")) and s != old and expect in s and s, 60,
                          f"a new status with {expect!r}")
 
 
 def test_flow4_download_restore_upload(page, app, shared, tiny, tmp_path):
+    """The edit downloaded in flow 1 (and undone in flow 2): upload it, restore all, upload it again."""
     wb = app[1]
-    # the edit of flow 1 again (flow 2 undid it)
-    page.type("prompt", PROMPT)
-    page.type("subject", SUBJECT)
-    page.type("target", TARGET)
-    page.type("neighbours", NEIGHBOURS)
-    page.status_after("apply", "edit applied", EDIT_WAIT)
-    edited = page.state()
-    path = _download(page, shared, "eiffel-rome.safetensors")
+    path = shared["edit file"]
     assert path.stat().st_size > 0
+    _upload(page, path, "uploaded edit")
+    assert page.state() == shared["edited"] and "Rome" in page.chat(PROMPT)
     status = page.status_after("restore", "Restored all")
     assert "bit-exactly the unedited one" in status and page.state() == shared["base"]
     assert "Paris" in page.chat(PROMPT)
-    status = _upload(page, path, "uploaded edit")
-    assert page.state() == edited
+    _upload(page, path, "uploaded edit")
+    assert page.state() == shared["edited"]
     assert "Rome" in page.chat(PROMPT)
+    edited = shared["edited"]
     # an edit made for another base model is refused with kedit's message
     from kedit.app.core import Workbench
 
