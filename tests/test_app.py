@@ -137,6 +137,22 @@ def test_two_sessions_never_see_a_half_restored_stack(wb, monkeypatch):
     assert seen and set(seen) <= {full, base}
 
 
+def test_answers_are_computed_once_per_model_state(wb, monkeypatch):
+    import kedit.app.core as core
+
+    calls = []
+    real = core.generate
+    monkeypatch.setattr(core, "generate", lambda *a, **k: calls.append(a[2]) or real(*a, **k))
+    first, _ = wb.apply("ft-m", FAST, fact(wb))
+    wb.undo()
+    again, _ = wb.apply("ft-m", FAST, fact(wb))  # same state before, same edit after: nothing to generate
+    assert len(calls) == 2 and [r.before for r in again] == [r.before for r in first]
+    assert [r.after for r in again] == [r.after for r in first]
+    # before: the state after the first edit (seen); after: a new state, answered once more
+    wb.apply("ft-m", FAST, fact(wb, "Berlin"))
+    assert len(calls) == 3
+
+
 def test_chat_generates_from_the_model_as_it_stands(wb):
     before = wb.chat("The capital of France is", max_new_tokens=4)
     wb.apply("ft-m", FAST, fact(wb))

@@ -23,7 +23,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--checkpoints", type=Path, default=Path("checkpoints"),
                    help="folder of trained editors (*.safetensors) offered beside the registered editors")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    p.add_argument("--max-new-tokens", type=int, default=8, help="tokens of each compared answer")
+    p.add_argument("--max-new-tokens", type=int, default=6, help="tokens of each compared answer")
     return p.parse_args(argv)
 
 

@@ -155,7 +155,7 @@ class Workbench:
     """The process's model, its shared edit stack and the lock around both."""
 
     def __init__(self, model: nn.Module, tokenizer: Any, model_name: str, checkpoints: Path | None = None,
-                 max_new_tokens: int = 8) -> None:
+                 max_new_tokens: int = 6) -> None:
         self.model, self.tok, self.model_name = model.eval(), tokenizer, model_name
         self.max_new_tokens = max_new_tokens
         self.lock = threading.RLock()
@@ -168,6 +168,7 @@ class Workbench:
         """``fingerprints[k]``: the model with the first k edits of the stack applied."""
         self.base_hash = state_hash(model)
         self.last_rows: list[Row] = []
+        self._memo: dict[tuple, Any] = {}
 
     # ---- state shown in the page
 
@@ -244,16 +245,34 @@ class Workbench:
 
     # ---- model steps (all under the lock)
 
+    def _state_key(self) -> tuple:
+        """The recorded fingerprint of the model as it stands (checked after every change)."""
+        return self.fingerprints[len(self.stack.edits)]
+
+    def _cached(self, kind: str, items: Sequence[Any], compute: Callable[[list[Any]], list[Any]]) -> list[Any]:
+        """Answers and scores are functions of the weights: computed once per model state.
+        (Undo, restore and re-applying an edit return to a state already seen.)"""
+        state = self._state_key()
+        missing = list(dict.fromkeys(i for i in items if (state, kind, i) not in self._memo))
+        if missing:
+            if len(self._memo) > 4096:
+                self._memo.clear()
+            self._memo.update({(state, kind, i): v for i, v in zip(missing, compute(missing))})
+        return [self._memo[(state, kind, i)] for i in items]
+
     def _answers(self, prompts: Sequence[str]) -> list[str]:
-        texts = generate(self.model, self.tok, list(prompts), self.max_new_tokens)
-        return [" ".join(t.split()) for t in texts]
+        def compute(ps: list[str]) -> list[str]:
+            return [" ".join(t.split()) for t in generate(self.model, self.tok, ps, self.max_new_tokens)]
+
+        return self._cached(f"answer/{self.max_new_tokens}", list(prompts), compute)
 
     def _probs(self, prompts: Sequence[str], targets: Sequence[str]) -> list[float]:
+        def compute(pairs: list[tuple[str, str]]) -> list[float]:
+            scores = score_targets(self.model, self.tok, [p for p, _ in pairs], [t for _, t in pairs])
+            return scores.logp.exp().tolist()
+
         pairs = [(p, t) for p, t in zip(prompts, targets) if t]
-        if not pairs:
-            return [0.0] * len(prompts)
-        scores = score_targets(self.model, self.tok, [p for p, _ in pairs], [t for _, t in pairs])
-        it = iter(scores.logp.exp().tolist())
+        it = iter(self._cached("p", pairs, compute) if pairs else [])
         return [next(it) if t else 0.0 for t in targets]
 
     def _old_new(self, rows: list[Row], target_new: str) -> tuple[list[float], list[float]]:

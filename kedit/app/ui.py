@@ -20,6 +20,7 @@ log = logging.getLogger(__name__)
 CSS = """
 #status {min-height: 2.5em}
 .kedit-table table {font-size: 0.9em}
+.kedit-table td:first-child, .kedit-table td:nth-child(5) {white-space: nowrap}
 """
 
 
@@ -73,11 +74,11 @@ def build(wb: Workbench) -> Any:
     downloads = Path(tempfile.mkdtemp(prefix="kedit-app-"))
 
     def ok(message: str) -> str:
-        return f"✅ {message}"
+        return f"**Done.** {message}"
 
     def refused(err: BaseException) -> str:
         n, fp = wb.snapshot()
-        return f"❌ {err}  \n*The model is unchanged ({n} edit(s) applied, fingerprint `{fp}`).*"
+        return f"**Refused:** {err}  \n*The model is unchanged ({n} edit(s) applied, fingerprint `{fp}`).*"
 
     with gr.Blocks(title="kedit: live knowledge editing", analytics_enabled=False) as page:
         gr.Markdown("## kedit — edit a fact, compare before and after, undo, share")
@@ -86,7 +87,7 @@ def build(wb: Workbench) -> Any:
             refresh = gr.Button("Refresh", elem_id="refresh", size="sm", scale=0)
         status = gr.Markdown("", elem_id="status")
         with gr.Row(equal_height=False):
-            with gr.Column(scale=2, min_width=320):
+            with gr.Column(scale=2, min_width=340):
                 editor = gr.Dropdown(choices, value=default, label="Editor", elem_id="editor")
                 with gr.Accordion("Hyperparameters (tuned config where one ships; editable YAML)", open=False):
                     hparams = gr.Code(wb.hparams_text(default), language="yaml", elem_id="hparams",
@@ -104,7 +105,7 @@ def build(wb: Workbench) -> Any:
                 neighbours = gr.Textbox(label="Neighbour prompts that must not change (one per line)", lines=3,
                                         elem_id="neighbours")
                 apply = gr.Button("Apply edit", variant="primary", elem_id="apply")
-            with gr.Column(scale=3, min_width=420):
+            with gr.Column(scale=4, min_width=480):
                 compare = gr.Markdown("", elem_id="compare", elem_classes="kedit-table")
                 gr.Markdown("### History")
                 history = gr.Markdown(history_markdown(wb.history), elem_id="history", elem_classes="kedit-table")
@@ -139,7 +140,7 @@ def build(wb: Workbench) -> Any:
 
         def on_fill(label):
             if not label:
-                return [gr.update()] * 6 + ["❌ choose an example first"]
+                return [gr.update()] * 6 + ["**Refused:** choose an example first"]
             f = wb.example_fields(label)
             return (f["prompt"], f["subject"], f["target_new"], f["target_true"], f["paraphrases"],
                     f["neighbours"], "")
