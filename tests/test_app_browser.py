@@ -157,7 +157,7 @@ class Page:
             s = self.text("status")
             if BUSY.match(s):  # gradio's timer over the old message: the step is running
                 return False
-            if s != old and "❌" in s and "❌" not in expect:
+            if s != old and "Refused" in s and "Refused" not in expect:
                 raise AssertionError(f"the page refused the step: {s}")
             return s != old and expect in s and s
 
@@ -237,7 +237,7 @@ def test_flow3_bad_input_is_shown_and_the_model_unchanged(page, shared, subject,
     page.type("prompt", PROMPT)
     page.type("subject", subject)
     page.type("target", target)
-    status = page.status_after("apply", "❌")
+    status = page.status_after("apply", "Refused")
     assert message in status and "unchanged" in status
     assert page.state() == shared["base"]
 
@@ -279,7 +279,7 @@ def test_flow4_download_restore_upload(page, app, shared, tiny, tmp_path):
     other = Workbench(*tiny("llama"), "tiny-llama", max_new_tokens=2)
     other.apply("ft-m", "layers: [0]\nnum_steps: 2\n", other.request("The capital of France is", "France", "Rome"))
     foreign = other.download("last", tmp_path)
-    status = _upload(page, foreign, "❌")
+    status = _upload(page, foreign, "Refused")
     assert "computed on" in status and page.state() == edited
     assert len(wb.history) == 1
 

@@ -20,7 +20,7 @@ log = logging.getLogger(__name__)
 CSS = """
 #status {min-height: 2.5em}
 .kedit-table table {font-size: 0.9em}
-.kedit-table td:first-child, .kedit-table td:nth-child(5) {white-space: nowrap}
+.kedit-table th, .kedit-table td:first-child, .kedit-table td:nth-child(5) {white-space: nowrap}
 """
 
 
@@ -89,11 +89,11 @@ def build(wb: Workbench) -> Any:
         with gr.Row(equal_height=False):
             with gr.Column(scale=2, min_width=340):
                 editor = gr.Dropdown(choices, value=default, label="Editor", elem_id="editor")
-                with gr.Accordion("Hyperparameters (tuned config where one ships; editable YAML)", open=False):
+                with gr.Accordion("Hyperparameters (editable)", open=False):
                     hparams = gr.Code(wb.hparams_text(default), language="yaml", elem_id="hparams",
                                       interactive=True)
                 with gr.Row():
-                    example = gr.Dropdown(wb.example_labels(), label="Fill from an example (CounterFact)",
+                    example = gr.Dropdown(wb.example_labels(), label="Fill from an example",
                                           elem_id="example", scale=3)
                     fill = gr.Button("Fill", elem_id="fill", scale=0)
                 prompt = gr.Textbox(label="Prompt", elem_id="prompt")
