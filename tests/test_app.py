@@ -137,6 +137,13 @@ def test_two_sessions_never_see_a_half_restored_stack(wb, monkeypatch):
     assert seen and set(seen) <= {full, base}
 
 
+def test_the_one_time_statistics_are_announced_to_the_page(wb, tmp_path):
+    said: list[str] = []
+    rome = f"layers: [0]\nstats_tokens: 512\nstats_cache_dir: {tmp_path}\nv_steps: 2\n"
+    wb.apply("rome", rome, fact(wb), progress=said.append)
+    assert any("second moments" in m and "once" in m for m in said), said
+
+
 def test_answers_are_computed_once_per_model_state(wb, monkeypatch):
     import kedit.app.core as core
 

@@ -41,9 +41,10 @@ def _need_browser():
         pytest.fail(f"the browser tests need Debian's chromium and chromium-driver ({', '.join(missing)} "
                     f"missing): run `make browser` (apt-get install chromium chromium-driver)", pytrace=False)
     try:
+        import gradio  # noqa: F401
         import selenium  # noqa: F401
-    except ImportError:
-        pytest.fail("the browser tests need selenium: pip install -e '.[dev]'", pytrace=False)
+    except ImportError as err:
+        pytest.fail(f"the browser tests need gradio and selenium ({err}): pip install -e '.[dev]'", pytrace=False)
 
 
 def _free_port() -> int:

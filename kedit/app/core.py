@@ -19,7 +19,8 @@ import logging
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -59,6 +60,34 @@ def lines(text: str | None) -> list[str]:
 def first_word(text: str) -> str:
     words = text.strip().split()
     return words[0].strip(".,;:!?\"'()") if words else ""
+
+
+ONE_TIME = ("kedit.stats", "kedit.models.loading")
+"""Loggers that announce one-time costs (statistics, dequantizing): forwarded to the page."""
+
+
+@contextmanager
+def forward_logs(say: Callable[[str], None], loggers: Sequence[str] = ONE_TIME) -> Iterator[None]:
+    """Pass the INFO lines of ``loggers`` to ``say`` for the duration of a block."""
+
+    class Forward(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            say(record.getMessage())
+
+    handler = Forward(logging.INFO)
+    saved = []
+    for name in loggers:
+        lg = logging.getLogger(name)
+        saved.append((lg, lg.level))
+        if lg.getEffectiveLevel() > logging.INFO:
+            lg.setLevel(logging.INFO)
+        lg.addHandler(handler)
+    try:
+        yield
+    finally:
+        for lg, level in saved:
+            lg.removeHandler(handler)
+            lg.setLevel(level)
 
 
 # --------------------------------------------------------------------------- editors
@@ -335,7 +364,8 @@ class Workbench:
                 request = dataclasses.replace(request, target_true=rows[0].old or None)
             say(f"computing the {label} edit")
             t0 = time.perf_counter()
-            edit = ed.edit(self.model, self.tok, [request])
+            with forward_logs(say):  # e.g. "measuring the second moments of layers [5] ... (once ...)"
+                edit = ed.edit(self.model, self.tok, [request])
             seconds = time.perf_counter() - t0
             self._check("after Editor.edit (it must not change the model)")
             self._push([edit])
