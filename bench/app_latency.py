@@ -49,9 +49,12 @@ def main() -> None:
         _, seconds = timed("first edit, statistics not cached (page total)", lambda: wb.apply("rome", fresh, fact))
         rows.append(("  of which the edit (statistics included)", seconds))
     timed("undo", wb.undo)
+    # another fact, so that no answer is memoised: what a new fact costs
+    other = wb.request("The Colosseum is located in the city of", "Colosseum", "London", "",
+                       "The Colosseum is in", "The Vatican is located in the city of\nThe capital of Italy is")
     _, seconds = timed("ROME edit, statistics cached (page total: answers before, edit, answers after)",
                        lambda: wb.apply("rome", wb.hparams_text("rome").replace(f"stats_cache_dir: {tmp}",
-                                                                               "stats_cache_dir: null"), fact))
+                                                                               "stats_cache_dir: null"), other))
     rows.append(("  of which the edit", seconds))
     timed("evaluation of the applied edit (single mode)", lambda: wb.evaluate(progress=False))
     timed("restore all (fingerprint + sha256 check)", wb.restore_all)

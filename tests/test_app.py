@@ -75,6 +75,19 @@ def test_bad_hyperparameters_are_refused_and_the_model_is_unchanged(wb):
     assert same(wb.model, before) and wb.history == []
 
 
+def test_an_editor_that_fails_leaves_the_model_and_history_unchanged(wb, monkeypatch):
+    from kedit.editors.ft import FTM
+
+    def broken(self, model, tok, requests):
+        raise RuntimeError("this editor cannot edit this model")
+
+    before = state(wb.model)
+    monkeypatch.setattr(FTM, "edit", broken)
+    with pytest.raises(RuntimeError, match="cannot edit"):
+        wb.apply("ft-m", FAST, fact(wb))
+    assert same(wb.model, before) and wb.history == [] and wb.snapshot()[0] == 0
+
+
 def test_download_restore_upload_gives_the_same_model(wb, tmp_path):
     wb.apply("ft-m", FAST, fact(wb))
     edited = state(wb.model)

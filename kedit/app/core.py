@@ -364,8 +364,12 @@ class Workbench:
                 request = dataclasses.replace(request, target_true=rows[0].old or None)
             say(f"computing the {label} edit")
             t0 = time.perf_counter()
-            with forward_logs(say):  # e.g. "measuring the second moments of layers [5] ... (once ...)"
-                edit = ed.edit(self.model, self.tok, [request])
+            try:
+                with forward_logs(say):  # e.g. "measuring the second moments of layers [5] ... (once ...)"
+                    edit = ed.edit(self.model, self.tok, [request])
+            except BaseException:
+                self._check("after a failed Editor.edit")  # a failure must leave the model as it was
+                raise
             seconds = time.perf_counter() - t0
             self._check("after Editor.edit (it must not change the model)")
             self._push([edit])

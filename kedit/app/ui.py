@@ -151,6 +151,10 @@ def build(wb: Workbench) -> Any:
                 rows, seconds = wb.apply(label, yaml_text, req, progress=lambda m: progress(None, desc=m))
             except USER_ERRORS as err:
                 return refused(err), gr.update(), history_markdown(wb.history), state_markdown(wb)
+            except Exception as err:  # noqa: BLE001 - an editor that fails (untrained, unsupported model)
+                log.exception("the %s edit failed", label)
+                return refused(RuntimeError(f"the {label} editor failed: {type(err).__name__}: {err}")), \
+                    gr.update(), history_markdown(wb.history), state_markdown(wb)
             return (ok(f"{label} edit applied in {seconds:.1f} s: {req.prompt!r} → {req.target_new!r}"),
                     rows_markdown(rows, req.target_new), history_markdown(wb.history), state_markdown(wb))
 
