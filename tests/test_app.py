@@ -1,0 +1,228 @@
+"""The app's logic (kedit.app.core) on tiny models: edit, compare, undo, restore, share,
+evaluate, errors, and the lock between sessions. The page itself: tests/test_app_browser.py."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+
+from kedit.app.core import Workbench, editor_choices
+from kedit.data import RequestError
+from kedit.editors import EditMismatchError, WeightDelta
+from kedit.eval.runner import fingerprint
+
+# FT-M on the first layer with a large step: a visible edit of a tiny model in well under a second
+FAST = "layers: [0]\nnum_steps: 8\nlr: 0.05\nnorm_constraint: null\nobjective: target\nearly_stop_loss: null\n"
+
+
+def fact(wb: Workbench, target: str = "Rome", neighbours: str = "The capital of Spain is"):
+    return wb.request("The capital of France is", "France", target, "", "The French capital is", neighbours)
+
+
+@pytest.fixture
+def wb(tiny) -> Workbench:
+    model, tok = tiny("llama")
+    return Workbench(model, tok, "tiny-llama-app", max_new_tokens=4)
+
+
+def state(model) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def same(model, saved) -> bool:
+    return all(torch.equal(v, saved[k]) for k, v in model.state_dict().items())
+
+
+def test_apply_compares_before_and_after_and_adds_a_history_row(wb):
+    base = wb.snapshot()
+    rows, seconds = wb.apply("ft-m", FAST, fact(wb))
+    assert [r.kind for r in rows] == ["edit", "paraphrase", "neighbour"]
+    assert all(r.after is not None and r.changed == (r.after != r.before) for r in rows)
+    assert rows[0].p_new[1] > rows[0].p_new[0]  # the new target's probability moved up
+    assert len(wb.history) == 1 and wb.history[0].editor == "ft-m" and seconds >= 0
+    assert wb.history[0].request.neighborhood[0].answer  # the unedited answer, filled in
+    n, fp = wb.snapshot()
+    assert n == 1 and fp != base[1]
+
+
+def test_undo_and_restore_all_are_bit_exact(wb):
+    original = state(wb.model)
+    wb.apply("ft-m", FAST, fact(wb))
+    after_one = state(wb.model)
+    wb.apply("ft-m", FAST, fact(wb, "Berlin"))
+    assert not same(wb.model, after_one)
+    message = wb.undo()
+    assert same(wb.model, after_one) and "bit-exactly" in message and len(wb.history) == 1
+    message = wb.restore_all()
+    assert same(wb.model, original) and "bit-exactly the unedited one" in message
+    assert wb.history == [] and wb.snapshot()[0] == 0
+
+
+@pytest.mark.parametrize("subject, target, field", [("Germany", "Rome", "subject"), ("France", "", "target_new")])
+def test_invalid_fact_raises_kedits_request_error_naming_the_field(wb, subject, target, field):
+    with pytest.raises(RequestError) as err:
+        wb.request("The capital of France is", subject, target)
+    assert err.value.field == field and field in str(err.value)
+
+
+def test_bad_hyperparameters_are_refused_and_the_model_is_unchanged(wb):
+    before = state(wb.model)
+    with pytest.raises(ValueError, match="hyperparameters"):
+        wb.apply("ft-m", "num_steps: many\n", fact(wb))
+    assert same(wb.model, before) and wb.history == []
+
+
+def test_an_editor_that_fails_leaves_the_model_and_history_unchanged(wb, monkeypatch):
+    from kedit.editors.ft import FTM
+
+    def broken(self, model, tok, requests):
+        raise RuntimeError("this editor cannot edit this model")
+
+    before = state(wb.model)
+    monkeypatch.setattr(FTM, "edit", broken)
+    with pytest.raises(RuntimeError, match="cannot edit"):
+        wb.apply("ft-m", FAST, fact(wb))
+    assert same(wb.model, before) and wb.history == [] and wb.snapshot()[0] == 0
+
+
+def test_download_restore_upload_gives_the_same_model(wb, tmp_path):
+    wb.apply("ft-m", FAST, fact(wb))
+    edited = state(wb.model)
+    path = wb.download("last", tmp_path)
+    assert path.suffix == ".safetensors" and same(wb.model, edited)  # saving leaves it applied
+    wb.restore_all()
+    wb.upload(path)
+    assert same(wb.model, edited) and wb.history[-1].source.startswith("upload")
+
+
+def test_a_stack_file_round_trips_every_edit(wb, tmp_path):
+    wb.apply("ft-m", FAST, fact(wb))
+    wb.apply("ft-m", FAST, fact(wb, "Berlin"))
+    edited = state(wb.model)
+    path = wb.download("stack", tmp_path)
+    wb.restore_all()
+    wb.upload(path)
+    assert same(wb.model, edited) and len(wb.history) == 2
+
+
+def test_an_edit_for_another_base_model_is_refused_with_kedits_message(wb, tiny, tmp_path):
+    other = Workbench(*tiny("llama", seed=1), "tiny-llama-other", max_new_tokens=4)
+    other.apply("ft-m", FAST, fact(other))
+    path = other.download("last", tmp_path)
+    before = state(wb.model)
+    with pytest.raises(EditMismatchError, match="computed on"):
+        wb.upload(path)
+    assert same(wb.model, before) and wb.history == [] and wb.snapshot()[0] == 0
+
+
+def test_a_file_that_is_not_an_edit_is_refused(wb, tmp_path):
+    bad = tmp_path / "notes.safetensors"
+    bad.write_bytes(b"not a safetensors file")
+    with pytest.raises(ValueError, match="not a readable kedit edit"):
+        wb.upload(bad)
+    assert wb.snapshot()[0] == 0
+
+
+def test_two_sessions_never_see_a_half_restored_stack(wb, monkeypatch):
+    """Session A restores a stack of two edits slowly; session B reads the model meanwhile.
+    Under the lock B sees all edits or none, never one of two."""
+    wb.apply("ft-m", FAST, fact(wb))
+    wb.apply("ft-m", FAST, fact(wb, "Berlin"))
+    full, base = wb.fingerprints[2], wb.fingerprints[0]
+    slow_restore = WeightDelta.restore
+
+    def restore(self, model):
+        slow_restore(self, model)
+        time.sleep(0.2)  # a window between the two edits' restores
+
+    monkeypatch.setattr(WeightDelta, "restore", restore)
+    seen: list[tuple] = []
+    a = threading.Thread(target=wb.restore_all)
+    a.start()
+    while a.is_alive():
+        with wb.lock:
+            seen.append(fingerprint(wb.model))
+        time.sleep(0.01)
+    a.join()
+    assert seen and set(seen) <= {full, base}
+
+
+def test_the_one_time_statistics_are_announced_to_the_page(wb, tmp_path):
+    said: list[str] = []
+    rome = f"layers: [0]\nstats_tokens: 512\nstats_cache_dir: {tmp_path}\nv_steps: 2\n"
+    wb.apply("rome", rome, fact(wb), progress=said.append)
+    assert any("second moments" in m and "once" in m for m in said), said
+
+
+def test_answers_are_computed_once_per_model_state(wb, monkeypatch):
+    import kedit.app.core as core
+
+    calls = []
+    real = core.generate
+    monkeypatch.setattr(core, "generate", lambda *a, **k: calls.append(a[2]) or real(*a, **k))
+    first, _ = wb.apply("ft-m", FAST, fact(wb))
+    wb.undo()
+    again, _ = wb.apply("ft-m", FAST, fact(wb))  # same state before, same edit after: nothing to generate
+    assert len(calls) == 2 and [r.before for r in again] == [r.before for r in first]
+    assert [r.after for r in again] == [r.after for r in first]
+    # before: the state after the first edit (seen); after: a new state, answered once more
+    wb.apply("ft-m", FAST, fact(wb, "Berlin"))
+    assert len(calls) == 3
+
+
+def test_chat_generates_from_the_model_as_it_stands(wb):
+    before = wb.chat("The capital of France is", max_new_tokens=4)
+    wb.apply("ft-m", FAST, fact(wb))
+    assert wb.chat("The capital of France is", max_new_tokens=4) != before
+    with pytest.raises(ValueError, match="type a prompt"):
+        wb.chat("  ")
+
+
+def test_evaluate_shows_teacher_forced_and_generation_scores_and_keeps_the_edits(wb):
+    wb.apply("ft-m", FAST, fact(wb))
+    edited = state(wb.model)
+    table = wb.evaluate(progress=False)
+    assert "| rewrite/es |" in table and "| rewrite/gen |" in table and "| neighborhood/ns |" in table
+    assert same(wb.model, edited)
+
+
+def test_editors_offer_every_registered_one_and_the_trained_checkpoints(wb):
+    from kedit import paths
+    from kedit.editors.base import EDITORS
+
+    labels = [c.label for c in editor_choices(paths.PACKAGE.parent / "checkpoints")]
+    assert set(EDITORS) <= set(labels)
+    assert any(label.startswith("mend (trained") for label in labels)
+    assert "layers: [5]" in wb.hparams_text("rome")  # the tuned llama config
+
+
+def test_the_shown_hyperparameters_parse_back_to_the_same_values(wb):
+    from kedit.app.core import parse_hparams
+    from kedit.editors.base import EDITORS
+
+    for name in EDITORS:
+        ed = wb.editor(name)
+        assert parse_hparams(type(ed.hparams), wb.hparams_text(name)) == ed.hparams, name
+
+
+def test_edited_hyperparameters_are_used(wb):
+    text = wb.hparams_text("ft-m").replace("num_steps: 25", "num_steps: 3")
+    assert wb.editor("ft-m", text).hparams.num_steps == 3
+
+
+def test_fill_from_an_example_gives_the_records_fields(wb):
+    label = wb.example_labels()[0]
+    fields = wb.example_fields(label)
+    record = wb.examples()[0]
+    assert fields["prompt"] == record.prompt and fields["subject"] == record.subject
+    assert fields["paraphrases"].splitlines() == record.paraphrase_prompts
+
+
+def test_the_app_binds_to_loopback_and_shares_nothing_by_default():
+    from kedit.app.__main__ import parse_args
+
+    args = parse_args([])
+    assert args.host == "127.0.0.1" and not args.share and args.model == "smollm2-135m"
