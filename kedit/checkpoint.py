@@ -125,6 +125,24 @@ def load_artifact(path: str | Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
     return tensors, meta
 
 
+def load_editor_artifact(path: str | Path, editor_name: str, hparams_cls: type
+                         ) -> tuple[dict[str, Tensor], dict[str, Any], Path, Any]:
+    """(tensors, header, file, typed hyperparameters) of an artifact of ``editor_name``'s;
+    another editor's artifact, or unknown or mistyped hyperparameters, are an ``EditFileError``."""
+    from kedit.config import hparams_from_dict
+    from kedit.editors.base import EditFileError
+
+    tensors, meta = load_artifact(path)
+    file = artifact_file(path)
+    if meta["editor"] != editor_name:
+        raise EditFileError(f"{file} holds a {meta['editor']!r} editor, not {editor_name!r}")
+    try:
+        hparams = hparams_from_dict(hparams_cls, meta["hparams"])
+    except ValueError as err:
+        raise EditFileError(f"{file}: field '{META_KEY}.hparams': {err}") from None
+    return tensors, meta, file, hparams
+
+
 def save_artifact(
     path: str | Path,
     editor_name: str,

@@ -311,18 +311,10 @@ class MEND(Editor):
     @classmethod
     def from_artifact(cls, path: str | Path) -> MEND:
         """A trained MEND from an editor artifact (see :mod:`kedit.checkpoint`)."""
-        from kedit.checkpoint import META_KEY, artifact_file, load_artifact
-        from kedit.config import hparams_from_dict
+        from kedit.checkpoint import META_KEY, load_editor_artifact
         from kedit.editors.base import EditFileError, require
 
-        tensors, meta = load_artifact(path)
-        file = artifact_file(path)
-        if meta["editor"] != cls.name:
-            raise EditFileError(f"{file} holds a {meta['editor']!r} editor, not {cls.name!r}")
-        try:
-            hparams = hparams_from_dict(MENDHparams, meta["hparams"])
-        except ValueError as err:
-            raise EditFileError(f"{file}: field '{META_KEY}.hparams': {err}") from None
+        tensors, meta, file, hparams = load_editor_artifact(path, cls.name, MENDHparams)
         try:
             dims = require(meta.get("extra") or {}, "dims", dict, f"{META_KEY}.extra")
         except ValueError as err:

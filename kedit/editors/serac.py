@@ -918,17 +918,9 @@ class SERAC(Editor):
 
     @classmethod
     def from_artifact(cls, path: str | Path) -> SERAC:
-        from kedit.checkpoint import META_KEY, artifact_file, check_base_identity, load_artifact
-        from kedit.config import hparams_from_dict
+        from kedit.checkpoint import META_KEY, check_base_identity, load_editor_artifact
 
-        tensors, meta = load_artifact(path)
-        file = artifact_file(path)
-        if meta["editor"] != cls.name:
-            raise EditFileError(f"{file} holds a {meta['editor']!r} editor, not {cls.name!r}")
-        try:
-            hparams = hparams_from_dict(SERACHparams, meta["hparams"])
-        except ValueError as err:
-            raise EditFileError(f"{file}: field '{META_KEY}.hparams': {err}") from None
+        tensors, meta, file, hparams = load_editor_artifact(path, cls.name, SERACHparams)
         extra = meta.get("extra", {})
         try:
             lists = {key: require_strs(extra, key, f"{META_KEY}.extra") if key in extra else []
