@@ -121,7 +121,7 @@ def test_an_edit_for_another_base_model_is_refused_with_kedits_message(wb, tiny,
 def test_a_file_that_is_not_an_edit_is_refused(wb, tmp_path):
     bad = tmp_path / "notes.safetensors"
     bad.write_bytes(b"not a safetensors file")
-    with pytest.raises(ValueError, match="not a readable kedit edit"):
+    with pytest.raises(ValueError, match="not a readable safetensors file"):
         wb.upload(bad)
     assert wb.snapshot()[0] == 0
 

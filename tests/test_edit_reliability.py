@@ -395,3 +395,18 @@ def test_serac_memory_refuses_to_route_another_base_through_a_trained_editor(tmp
         memory.apply(other)
     assert not memory.is_applied
     assert "_kedit_serac_router" not in other.__dict__
+
+
+def test_edit_of_another_model_is_a_base_mismatch_even_when_shapes_differ(tiny, tmp_path):
+    """An edit made on one model (here a tiny GPT-2) onto another whose weights have other
+    shapes names the two models (EditMismatchError), not a shape error."""
+    from kedit.editors.base import EditMismatchError, WeightDelta, tensor_hash
+
+    small, _ = tiny("llama")
+    name = next(n for n, p in small.named_parameters() if p.ndim == 2)
+    weight = dict(small.named_parameters())[name]
+    other = {name: torch.zeros(weight.shape[0] + 1, weight.shape[1])}
+    edit = WeightDelta(dense={name: torch.ones_like(other[name])},
+                       base={"name": "another-model", "hash": tensor_hash(other)})
+    with pytest.raises(EditMismatchError, match="computed on 'another-model'"):
+        edit.apply(small)

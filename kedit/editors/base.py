@@ -324,12 +324,15 @@ class WeightDelta(Edit):
                                        f"shape {want}")
 
     def check_base(self, model: nn.Module) -> None:
-        self.check_fits(model)
-        if not self.base:
-            return
         params = dict(model.named_parameters())
+        if not self.base or any(n not in params for n in self.names):
+            self.check_fits(model)  # missing weights, wrong shapes
+            return
+        # another base model first (its weights' shapes differ too), then the shapes
         got = tensor_hash({n: params[n] for n in self.names})
-        if got != self.base.get("hash"):
+        if got == self.base.get("hash"):
+            self.check_fits(model)
+        else:
             raise EditMismatchError(
                 f"this edit was computed on {self.base.get('name')!r} (weights hash "
                 f"{self.base.get('hash', '')[:12]}…), but the model given is {model_name(model)!r} "
