@@ -1,6 +1,6 @@
 """Edit requests from files, lists of dicts or Hugging Face datasets, validated.
 
->>> requests = load_requests("/work/shared/data/counterfact/counterfact_dev_rome.json", limit=10)
+>>> requests = load_requests("counterfact-sample", limit=10)       # or "counterfact:dev", a file, ...
 >>> requests, report = load_requests_with_report("zsre/zsre_dev_mend.json", on_error="skip")
 >>> report.skipped[0]          # RequestError naming file, record and field
 
