@@ -41,7 +41,7 @@ or the Hugging Face hub (cached in $KEDIT_CACHE/datasets).
 
 examples:
   python -m kedit.evaluate --editor ft-m --config auto --data counterfact-sample --limit 20
-  KEDIT_DATA=../shared/data python -m kedit.evaluate --editor memit --config auto --mode sequential \\
+  KEDIT_DATA=/path/to/data python -m kedit.evaluate --editor memit --config auto --mode sequential \\
       --batch-size 50 --limit 500 --plot --data counterfact:dev
   python -m kedit.evaluate --editor checkpoints/mend-smollm2-135m-counterfact.safetensors --data zsre:dev --skip-bad
 """

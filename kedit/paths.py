@@ -68,7 +68,7 @@ def data_dir(path: str | os.PathLike | None = None, *, required: bool = False) -
                            f"does not exist")
     if chosen is None and required:
         raise DataNotFound("this needs the large benchmark data: set KEDIT_DATA to the folder that holds "
-                           "counterfact/, zsre/, ... (for example KEDIT_DATA=../shared/data)")
+                           "counterfact/, zsre/, ... (for example KEDIT_DATA=/path/to/data)")
     return chosen
 
 

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from kedit import paths
+from kedit.atomic import atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -127,10 +128,7 @@ def resolve(source: str, split: str | None = None, *, cache_dir: str | os.PathLi
     if cached.is_file():
         return cached
     records = _download(name, split, hub)
-    cached.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cached.with_name(f".{cached.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(records, ensure_ascii=False), encoding="utf-8")
-    os.replace(tmp, cached)
+    atomic_write_text(cached, json.dumps(records, ensure_ascii=False))
     log.info("%s:%s: %d records from %s@%s, cached at %s", name, split, len(records), hub.repo, hub.revision, cached)
     return cached
 
@@ -159,8 +157,6 @@ def _download(name: str, split: str, hub: Hub) -> list[dict]:
                                    data_files=hub.data_files)
     except Exception as err:  # noqa: BLE001 - any failure becomes one line
         raise DatasetUnavailable(_how_to(name, split, f"loading {hub.repo}@{hub.revision} failed: "
-                                                      f"{_one_line(err)}")) from None
+                                                      f"{paths.one_line(err)}")) from None
     return [dict(row) for row in ds]
 
-
-_one_line = paths.one_line
