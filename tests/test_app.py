@@ -78,7 +78,7 @@ def test_bad_hyperparameters_are_refused_and_the_model_is_unchanged(wb):
 def test_an_editor_that_fails_leaves_the_model_and_history_unchanged(wb, monkeypatch):
     from kedit.editors.ft import FTM
 
-    def broken(self, model, tok, requests):
+    def broken(self, model, tok, requests, **kwargs):
         raise RuntimeError("this editor cannot edit this model")
 
     before = state(wb.model)

@@ -366,7 +366,7 @@ class Workbench:
             t0 = time.perf_counter()
             try:
                 with forward_logs(say):  # e.g. "measuring the second moments of layers [5] ... (once ...)"
-                    edit = ed.edit(self.model, self.tok, [request])
+                    edit = ed.edit(self.model, self.tok, [request], history=self.stack)
             except BaseException:
                 self._check("after a failed Editor.edit")  # a failure must leave the model as it was
                 raise

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import inspect
 import json
 import logging
 from abc import ABC, abstractmethod
@@ -521,8 +522,15 @@ class Editor(ABC):
             cls.edit = checked_edit(cls.__dict__["edit"])
 
     @abstractmethod
-    def edit(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, requests: Requests) -> Edit:
-        """Compute the edit for ``requests`` (one or a batch); leave ``model`` untouched."""
+    def edit(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, requests: Requests,
+             history: Sequence[Edit] = ()) -> Edit:
+        """Compute the edit for ``requests`` (one or a batch); leave ``model`` untouched.
+
+        ``history``: the edits already applied to ``model`` that this edit will stack on, in
+        order (an :class:`EditStack` or a list; stacks are flattened). An editor is a pure
+        function of its arguments: state that sequential editing needs (AlphaEdit's previous
+        keys) is read from the history's edits, never kept in the editor object.
+        """
 
     def check_base(self, model: nn.Module) -> None:
         """A trained editor refuses a model other than its base (``BaseModelMismatch``).
@@ -545,19 +553,36 @@ class Editor(ABC):
         return f"{type(self).__name__}({self.hparams})"
 
 
+def flatten(history: Edit | Sequence[Edit] | None) -> list[Edit]:
+    """The edits of ``history`` in the order they were applied, with stacks expanded."""
+    if history is None:
+        return []
+    if isinstance(history, Edit) and not isinstance(history, EditStack):
+        return [history]
+    items = history.edits if isinstance(history, EditStack) else history
+    return [leaf for item in items for leaf in flatten(item)]
+
+
 def checked_edit(edit: Callable[..., Edit]) -> Callable[..., Edit]:
-    """Wrap an editor's ``edit`` with the checks every edit gets (see :class:`Editor`)."""
+    """Wrap an editor's ``edit`` with the checks every edit gets (see :class:`Editor`).
+
+    An ``edit`` written without a ``history`` parameter (an editor with no sequence state)
+    is called without it.
+    """
+    takes_history = "history" in inspect.signature(edit).parameters
 
     @functools.wraps(edit)
     def checked(self: Editor, model: nn.Module, tokenizer: PreTrainedTokenizerBase, requests: Requests,
-                *args: Any, **kwargs: Any) -> Edit:
+                history: Sequence[Edit] = ()) -> Edit:
         from kedit.data.encode import check_context
 
         reqs = as_requests(requests)
         check_context(model, tokenizer, reqs)
         self.check_base(model)
         try:
-            return edit(self, model, tokenizer, reqs, *args, **kwargs)
+            if takes_history:
+                return edit(self, model, tokenizer, reqs, history=flatten(history))
+            return edit(self, model, tokenizer, reqs)
         except EditFileError:
             raise
         except InvalidEditError as err:

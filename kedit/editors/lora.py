@@ -139,7 +139,7 @@ class LoRA(Editor):
         """Few steps, no dropout (tiny random models)."""
         return cls(num_steps=5, lr=1e-2, dropout=0.0)
 
-    def edit(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, requests: Requests) -> WeightDelta:
+    def edit(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, requests: Requests, history=()) -> WeightDelta:
         from peft import LoraConfig
 
         hp = self.hparams

@@ -351,7 +351,7 @@ class MEND(Editor):
         return save_artifact(path, self.name, tensors, self.hparams.as_dict(), self.base, extra)
 
     # -- editing
-    def edit(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, requests: Requests) -> WeightDelta:
+    def edit(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, requests: Requests, history=()) -> WeightDelta:
         """One forward + backward on the edit prompts, then the hypernetwork (Eq. 5).
 
         Several requests are edited together: their ΔW are summed (factors concatenated).

@@ -108,7 +108,7 @@ class ROME(Editor):
 
     # ------------------------------------------------------------------ edit
 
-    def edit(self, model: nn.Module, tokenizer, requests) -> WeightDelta:
+    def edit(self, model: nn.Module, tokenizer, requests, history=()) -> WeightDelta:
         hp = self.hparams
         reqs = locate_requests(requests)
         arch = arch_of(model)

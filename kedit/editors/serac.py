@@ -666,7 +666,7 @@ class SERAC(Editor):
 
     # ----------------------------------------------------------------- Editor
 
-    def edit(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, requests: Requests) -> SERACMemory:
+    def edit(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, requests: Requests, history=()) -> SERACMemory:
         """Store the requests as edit descriptors (with cached embeddings); the model is untouched."""
         reqs = as_requests(requests)
         self.prepare(model, tokenizer)

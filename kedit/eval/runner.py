@@ -312,12 +312,12 @@ class _Timer:
         self.cuda_peaks: list[float] = []
 
     def edit(self, editor: Editor, model: nn.Module, tok: PreTrainedTokenizerBase,
-             requests: list[EditRequest]) -> tuple[Edit, float]:
+             requests: list[EditRequest], history: Sequence[Edit] = ()) -> tuple[Edit, float]:
         if self.cuda:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
         t0 = time.perf_counter()
-        edit = editor.edit(model, tok, requests)
+        edit = editor.edit(model, tok, requests, history=history)
         if self.cuda:
             torch.cuda.synchronize()
             self.cuda_peaks.append(torch.cuda.max_memory_allocated() / 2**20)
@@ -537,7 +537,7 @@ def _sequential(model, tokenizer, editor, reqs, step, scorer, timer, records, cu
     try:
         done_n = 0
         for chunk in _chunks(list(range(n)), step):
-            edit, dt = timer.edit(editor, model, tokenizer, [reqs[i] for i in chunk])
+            edit, dt = timer.edit(editor, model, tokenizer, [reqs[i] for i in chunk], history=stack)
             if stack.is_applied:
                 stack.push(edit, model)
             else:
