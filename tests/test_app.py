@@ -226,3 +226,52 @@ def test_the_app_binds_to_loopback_and_shares_nothing_by_default():
 
     args = parse_args([])
     assert args.host == "127.0.0.1" and not args.share and args.model == "smollm2-135m"
+
+
+def test_the_page_is_served_while_the_model_loads_and_shows_how_far_it_got(tiny):
+    """The page is built before the model is there: it shows the loading steps (the one-time
+    dequantizing is forwarded from kedit.models.loading), refuses every step until then, and
+    works once the model is loaded."""
+    import logging
+
+    from kedit.app.core import ModelLoader
+    from kedit.editors.base import EditStateError
+
+    release = threading.Event()
+
+    def slow_load(name):
+        logging.getLogger("kedit.models.loading").info("dequantizing %s from x.gguf (once; cached in y)", name)
+        assert release.wait(30)
+        return tiny("llama")
+
+    loader = ModelLoader("tiny-llama-app", max_new_tokens=4, load=slow_load).start()
+    deadline = time.time() + 10
+    while "dequantizing" not in loader.status() and time.time() < deadline:
+        time.sleep(0.01)
+    assert "dequantizing tiny-llama-app" in loader.status() and loader.workbench is None
+    with pytest.raises(EditStateError, match="not loaded yet: dequantizing"):
+        loader.pending().apply("ft-m", FAST, None)
+    pytest.importorskip("gradio")  # the [dev] extra: the page itself builds while loading
+    from kedit.app.ui import build, state_markdown
+
+    build(loader)
+    assert "not loaded yet" in state_markdown(loader.pending())
+    release.set()
+    wb = loader.wait(30)
+    assert loader.status().startswith("loaded tiny-llama-app in")
+    rows, _ = loader.pending().apply("ft-m", FAST, fact(wb))
+    assert rows[0].after and len(wb.history) == 1
+    assert "edits applied: **1**" in state_markdown(loader.pending())
+
+
+def test_a_model_that_cannot_load_is_reported_in_the_page():
+    from kedit.app.core import ModelLoader
+    from kedit.models import ModelNotFound
+
+    def missing(name):
+        raise ModelNotFound(f"no model named {name!r}")
+
+    loader = ModelLoader("nope", load=missing).start()
+    with pytest.raises(ModelNotFound, match="no model named 'nope'"):
+        loader.wait(10)
+    assert loader.status() == "could not load nope: no model named 'nope'"

@@ -318,3 +318,50 @@ def test_flow5_two_sessions_never_see_a_half_applied_edit(page, app):
         assert page.refreshed_state()[0] == 0 and wb.history == []
     finally:
         other.close()
+
+
+def test_the_page_shows_the_model_loading_then_the_model(tiny):
+    """`python -m kedit.app` serves the page before the model is loaded: the state line shows
+    how far loading got (the one-time dequantizing included), then the loaded model."""
+    _need_browser()
+    import threading
+
+    from kedit.app.core import ModelLoader
+    from kedit.app.ui import build, launch
+
+    release = threading.Event()
+
+    def slow_load(name):
+        logging.getLogger("kedit.models.loading").info("dequantizing %s from x.gguf (once; cached in y)", name)
+        release.wait(120)
+        return tiny("llama")
+
+    loader = ModelLoader("tiny-llama", load=slow_load)
+    page = build(loader)
+    port = _free_port()
+    launch(page, host="127.0.0.1", port=port, block=False)
+    loader.start()
+    browser = None
+    try:
+        browser = Page.__new__(Page)  # not Page(): its start waits for a loaded model
+        from selenium.webdriver.common.by import By
+
+        browser.By, browser.driver = By, _driver()
+        browser.driver.get(f"http://127.0.0.1:{port}/")
+        loading = browser.wait_for(lambda: "dequantizing tiny-llama" in (t := browser.text("state")) and t, 60,
+                                   "the loading progress in the state line")
+        assert "not loaded yet" in loading
+        release.set()
+        n, _ = browser.wait_for(lambda: "fingerprint" in browser.text("state") and browser.state(), 60,
+                                "the loaded model in the state line")
+        assert n == 0 and "tiny-llama" in browser.text("state")
+        # the editor's tuned config is filled in once the model is there
+        browser.driver.find_element(By.XPATH, "//button[contains(., 'Hyperparameters')]").click()
+        hparams = browser.wait_for(lambda: "layers" in (t := browser.text("hparams")) and t, 30,
+                                   "the editor's hyperparameters")
+        assert "v_lr" in hparams, hparams
+    finally:
+        release.set()
+        if browser is not None:
+            browser.close()
+        page.close()

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -32,18 +31,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     import torch
 
-    from kedit.app.core import Workbench
+    from kedit.app.core import ModelLoader
     from kedit.app.ui import build, launch
-    from kedit.models import load_model
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    log.info("loading %s ...", args.model)
-    t0 = time.perf_counter()
-    model, tok = load_model(args.model)
-    log.info("loaded %s in %.1f s", args.model, time.perf_counter() - t0)
-    wb = Workbench(model, tok, args.model, checkpoints=args.checkpoints, max_new_tokens=args.max_new_tokens)
-    launch(build(wb), host=args.host, port=args.port, share=args.share, block=True)
+    # the page is served at once and shows the loading progress (dequantizing a GGUF the first time)
+    # (started once the server is up: loading competes with gradio's start-up for the GIL)
+    loader = ModelLoader(args.model, checkpoints=args.checkpoints, max_new_tokens=args.max_new_tokens)
+    page = build(loader)
+    launch(page, host=args.host, port=args.port, share=args.share, block=False)
+    log.info("serving on http://%s:%d while %s loads", args.host, args.port, args.model)
+    loader.start()
+    page.block_thread()
     return 0
 
 

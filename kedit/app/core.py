@@ -14,6 +14,7 @@ compares the full :func:`~kedit.eval.runner.state_hash` with the unedited model'
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import logging
 import tempfile
@@ -142,6 +143,25 @@ def parse_hparams(cls: type, text: str) -> Any:
             raise ValueError(f"hyperparameters: {str(err).replace(str(path) + ': ', '')}") from None
 
 
+@functools.cache
+def examples() -> list[EditRequest]:
+    """The packaged records that "fill from an example" offers (no model needed)."""
+    from kedit.data import load_requests
+
+    return load_requests(EXAMPLES)
+
+
+def example_labels() -> list[str]:
+    return [f"{i}: {r.prompt} {r.target_true} → {r.target_new}" for i, r in enumerate(examples())]
+
+
+def example_fields(label: str) -> dict[str, str]:
+    r = examples()[int(label.split(":")[0])]
+    return {"prompt": r.prompt, "subject": r.subject or "", "target_new": r.target_new,
+            "target_true": r.target_true or "", "paraphrases": "\n".join(r.paraphrase_prompts),
+            "neighbours": "\n".join(p.prompt for p in r.neighborhood[:4])}
+
+
 # --------------------------------------------------------------------------- results
 
 
@@ -192,7 +212,6 @@ class Workbench:
         self.history: list[HistoryRow] = []
         self.choices = {c.label: c for c in editor_choices(checkpoints)}
         self._editors: dict[str, Editor] = {}
-        self._examples: list[EditRequest] | None = None
         self.fingerprints = [fingerprint(model)]
         """``fingerprints[k]``: the model with the first k edits of the stack applied."""
         self.base_hash = state_hash(model)
@@ -242,21 +261,10 @@ class Workbench:
 
     # ---- requests
 
-    def examples(self) -> list[EditRequest]:
-        if self._examples is None:
-            from kedit.data import load_requests
-
-            self._examples = load_requests(EXAMPLES)
-        return self._examples
-
-    def example_labels(self) -> list[str]:
-        return [f"{i}: {r.prompt} {r.target_true} → {r.target_new}" for i, r in enumerate(self.examples())]
-
-    def example_fields(self, label: str) -> dict[str, str]:
-        r = self.examples()[int(label.split(":")[0])]
-        return {"prompt": r.prompt, "subject": r.subject or "", "target_new": r.target_new,
-                "target_true": r.target_true or "", "paraphrases": "\n".join(r.paraphrase_prompts),
-                "neighbours": "\n".join(p.prompt for p in r.neighborhood[:4])}
+    # the packaged examples need no model (the page offers them while the model loads)
+    examples = staticmethod(examples)
+    example_labels = staticmethod(example_labels)
+    example_fields = staticmethod(example_fields)
 
     @staticmethod
     def request(prompt: str, subject: str, target_new: str, target_true: str = "", paraphrases: str = "",
@@ -471,3 +479,86 @@ class Workbench:
                 self.stack.apply(self.model)
                 self._check("after the evaluation")
             return "\n".join(out)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+class ModelLoader:
+    """Loads the model in a background thread while the page is already served.
+
+    The page shows :meth:`status` (what loading is doing, the seconds so far) until
+    :attr:`workbench` is set; :meth:`pending` stands in for the workbench meanwhile and
+    refuses every step with a message the page shows.
+    """
+
+    def __init__(self, model: str, checkpoints: Path | None = None, max_new_tokens: int = 6,
+                 load: Callable[[str], tuple[nn.Module, Any]] | None = None) -> None:
+        from kedit.models import load_model
+
+        self.model_name, self.checkpoints, self.max_new_tokens = model, checkpoints, max_new_tokens
+        self._load = load or load_model
+        self.workbench: Workbench | None = None
+        self.error: BaseException | None = None
+        self.messages: list[str] = []
+        self.started = self.seconds = 0.0
+        self._thread = threading.Thread(target=self._run, name="kedit-app-load", daemon=True)
+
+    def start(self) -> ModelLoader:
+        self.started = time.perf_counter()
+        self._thread.start()
+        return self
+
+    def wait(self, timeout: float | None = None) -> Workbench:
+        """The workbench once loaded (re-raises the loading error)."""
+        self._thread.join(timeout)
+        if self.error is not None:
+            raise self.error
+        if self.workbench is None:
+            raise TimeoutError(f"{self.model_name} is still loading after {timeout} s")
+        return self.workbench
+
+    def say(self, message: str) -> None:
+        self.messages.append(message)
+        log.info("%s", message)
+
+    def _run(self) -> None:
+        try:
+            self.say(f"loading {self.model_name}")
+            with forward_logs(self.say, ("kedit.models.loading",)):  # e.g. "dequantizing ... (once)"
+                model, tok = self._load(self.model_name)
+            self.say("recording the unedited model's fingerprint and sha256")
+            self.workbench = Workbench(model, tok, self.model_name, checkpoints=self.checkpoints,
+                                       max_new_tokens=self.max_new_tokens)
+            self.seconds = time.perf_counter() - self.started
+            self.say(f"loaded {self.model_name} in {self.seconds:.1f} s")
+        except BaseException as err:  # noqa: BLE001 - shown in the page and re-raised by wait()
+            self.error = err
+            log.error("could not load %s: %s", self.model_name, err)
+
+    def status(self) -> str:
+        """One line for the page: the latest step and the seconds since loading started."""
+        if self.error is not None:
+            return f"could not load {self.model_name}: {self.error}"
+        last = self.messages[-1] if self.messages else f"loading {self.model_name}"
+        if self.workbench is not None:
+            return last
+        return f"{last} … ({time.perf_counter() - self.started:.0f} s)"
+
+    def pending(self) -> Any:
+        """The workbench when loaded; until then an object whose every step is refused."""
+        return _Pending(self)
+
+
+class _Pending:
+    """Stands for a loading :class:`Workbench`: each attribute refuses with the loading status
+    (an :class:`EditStateError`, shown in the page) until the model is there."""
+
+    def __init__(self, loader: ModelLoader) -> None:
+        self._loader = loader
+
+    def __getattr__(self, name: str) -> Any:
+        wb = self._loader.workbench
+        if wb is None:
+            raise EditStateError(f"the model is not loaded yet: {self._loader.status()}")
+        return getattr(wb, name)

@@ -13,7 +13,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from kedit.app.core import USER_ERRORS, HistoryRow, Row, Workbench
+from kedit.app.core import (USER_ERRORS, HistoryRow, ModelLoader, Row, Workbench, editor_choices, example_fields,
+                             example_labels)
+from kedit.editors.base import EditStateError
 
 log = logging.getLogger(__name__)
 
@@ -60,25 +62,40 @@ def history_markdown(history: list[HistoryRow]) -> str:
 
 
 def state_markdown(wb: Workbench) -> str:
-    n, fp = wb.snapshot()
+    try:
+        n, fp = wb.snapshot()
+    except EditStateError as err:  # the model is still loading (ModelLoader.pending)
+        return f"⏳ *{err}*"
     now = time.strftime("%H:%M:%S")
     return f"**{wb.model_name}** · edits applied: **{n}** · fingerprint `{fp}` · read at {now}.{int(time.time() * 1000) % 1000:03d}"
 
 
-def build(wb: Workbench) -> Any:
-    """The gradio Blocks of the app (not launched)."""
+def build(source: Workbench | ModelLoader) -> Any:
+    """The gradio Blocks of the app (not launched), over a workbench or a loader still loading
+    its model: the page is served at once and shows the loading progress until it is there."""
     import gradio as gr
 
-    choices = list(wb.choices)
-    default = "rome" if "rome" in wb.choices else choices[0]
+    loader = source if isinstance(source, ModelLoader) else None
+    wb = loader.pending() if loader is not None else source
+
+    def ready() -> bool:
+        return loader is None or loader.workbench is not None
+
+    choices = list(wb.choices) if ready() else [c.label for c in editor_choices(loader.checkpoints)]
+    default = "rome" if "rome" in choices else choices[0]
     downloads = Path(tempfile.mkdtemp(prefix="kedit-app-"))
 
     def ok(message: str) -> str:
         return f"**Done.** {message}"
 
     def refused(err: BaseException) -> str:
+        if not ready():
+            return f"**Refused:** {err}"
         n, fp = wb.snapshot()
         return f"**Refused:** {err}  \n*The model is unchanged ({n} edit(s) applied, fingerprint `{fp}`).*"
+
+    def history_now() -> str:
+        return history_markdown(wb.history if ready() else [])
 
     with gr.Blocks(title="kedit: live knowledge editing", analytics_enabled=False) as page:
         gr.Markdown("## kedit — edit a fact, compare before and after, undo, share")
@@ -90,10 +107,10 @@ def build(wb: Workbench) -> Any:
             with gr.Column(scale=2, min_width=340):
                 editor = gr.Dropdown(choices, value=default, label="Editor", elem_id="editor")
                 with gr.Accordion("Hyperparameters (editable)", open=False):
-                    hparams = gr.Code(wb.hparams_text(default), language="yaml", elem_id="hparams",
-                                      interactive=True)
+                    hparams = gr.Code(wb.hparams_text(default) if ready() else "", language="yaml",
+                                      elem_id="hparams", interactive=True)
                 with gr.Row():
-                    example = gr.Dropdown(wb.example_labels(), label="Fill from an example",
+                    example = gr.Dropdown(example_labels(), label="Fill from an example",
                                           elem_id="example", scale=3)
                     fill = gr.Button("Fill", elem_id="fill", scale=0)
                 prompt = gr.Textbox(label="Prompt", elem_id="prompt")
@@ -108,7 +125,7 @@ def build(wb: Workbench) -> Any:
             with gr.Column(scale=4, min_width=480):
                 compare = gr.Markdown("", elem_id="compare", elem_classes="kedit-table")
                 gr.Markdown("### History")
-                history = gr.Markdown(history_markdown(wb.history), elem_id="history", elem_classes="kedit-table")
+                history = gr.Markdown(history_now(), elem_id="history", elem_classes="kedit-table")
                 with gr.Row():
                     undo = gr.Button("Undo last", elem_id="undo")
                     restore = gr.Button("Restore all", elem_id="restore")
@@ -141,7 +158,7 @@ def build(wb: Workbench) -> Any:
         def on_fill(label):
             if not label:
                 return [gr.update()] * 6 + ["**Refused:** choose an example first"]
-            f = wb.example_fields(label)
+            f = example_fields(label)
             return (f["prompt"], f["subject"], f["target_new"], f["target_true"], f["paraphrases"],
                     f["neighbours"], "")
 
@@ -150,20 +167,20 @@ def build(wb: Workbench) -> Any:
                 req = wb.request(p, s, t, tt, para, neigh)
                 rows, seconds = wb.apply(label, yaml_text, req, progress=lambda m: progress(None, desc=m))
             except USER_ERRORS as err:
-                return refused(err), gr.update(), history_markdown(wb.history), state_markdown(wb)
+                return refused(err), gr.update(), history_now(), state_markdown(wb)
             except Exception as err:  # noqa: BLE001 - an editor that fails (untrained, unsupported model)
                 log.exception("the %s edit failed", label)
                 return refused(RuntimeError(f"the {label} editor failed: {type(err).__name__}: {err}")), \
-                    gr.update(), history_markdown(wb.history), state_markdown(wb)
+                    gr.update(), history_now(), state_markdown(wb)
             return (ok(f"{label} edit applied in {seconds:.1f} s: {req.prompt!r} → {req.target_new!r}"),
-                    rows_markdown(rows, req.target_new), history_markdown(wb.history), state_markdown(wb))
+                    rows_markdown(rows, req.target_new), history_now(), state_markdown(wb))
 
         def after_undo(step):
             try:
                 message = step()
             except USER_ERRORS as err:
-                return refused(err), gr.update(), history_markdown(wb.history), state_markdown(wb)
-            return ok(message), rows_markdown(wb.answers_now(), edited=False), history_markdown(wb.history), \
+                return refused(err), gr.update(), history_now(), state_markdown(wb)
+            return ok(message), rows_markdown(wb.answers_now(), edited=False), history_now(), \
                 state_markdown(wb)
 
         def on_chat(text):
@@ -186,8 +203,8 @@ def build(wb: Workbench) -> Any:
             try:
                 message = wb.upload(path)
             except USER_ERRORS as err:  # the box is emptied, ready for the next file
-                return refused(err), gr.update(), history_markdown(wb.history), state_markdown(wb), None
-            return ok(message), rows_markdown(wb.answers_now(), edited=False), history_markdown(wb.history), \
+                return refused(err), gr.update(), history_now(), state_markdown(wb), None
+            return ok(message), rows_markdown(wb.answers_now(), edited=False), history_now(), \
                 state_markdown(wb), None
 
         def on_evaluate(progress=gr.Progress(track_tqdm=True)):
@@ -208,9 +225,25 @@ def build(wb: Workbench) -> Any:
         download.click(on_download, what, [file_out, status])
         upload.upload(on_upload, upload, [*main, upload])
         # a page opened (or reloaded) later shows the shared model as it now stands
-        page.load(lambda: (state_markdown(wb), history_markdown(wb.history)), None, [state, history],
+        page.load(lambda: (state_markdown(wb), history_now()), None, [state, history],
                   show_progress="hidden")
         eval_btn.click(on_evaluate, None, [eval_out, status])
+        if loader is not None:  # the page is served while the model loads: show how far it got
+            timer = gr.Timer(1.0, active=not ready())
+
+            def on_tick(label):
+                if loader.error is not None:
+                    return (f"**Could not load the model:** {loader.error}", gr.update(), gr.update(),
+                            gr.Timer(active=False))
+                if not ready():
+                    return state_markdown(wb), gr.update(), gr.update(), gr.Timer(active=True)
+                try:
+                    text = wb.hparams_text(label)
+                except USER_ERRORS as err:
+                    return refused(err), gr.update(), history_now(), gr.Timer(active=False)
+                return state_markdown(wb), text, history_now(), gr.Timer(active=False)
+
+            timer.tick(on_tick, editor, [state, hparams, history, timer], show_progress="hidden")
     page.queue(default_concurrency_limit=4)
     return page
 
