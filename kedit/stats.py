@@ -40,6 +40,7 @@ from torch import Tensor, nn
 from kedit.atomic import load_tensors, read_cache, save_tensors, write_cache
 from kedit.hooks import run_until, trace
 from kedit.models.arch import arch_of
+from kedit.utils import pad_id
 
 log = logging.getLogger(__name__)
 
@@ -254,7 +255,7 @@ def _measure(model, tokenizer, layers: list[int], corpus: Corpus, n_tokens: int,
     names = {layer: arch.mlp_out_module(layer) for layer in layers}
     stop = names[max(layers)]
     device = next(model.parameters()).device
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    pad = pad_id(tokenizer)
     d_in = {layer: arch.mlp_dims(model, layer)[0] for layer in layers}
     acc = {layer: torch.zeros(d_in[layer], d_in[layer], dtype=torch.float64, device=device) for layer in layers}
     seen = 0

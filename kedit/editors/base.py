@@ -26,8 +26,9 @@ from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
 from kedit.data.request import EditRequest
-# EditMismatchError, model_name and tensor_hash were defined here first: importable from here too
-from kedit.identity import EditMismatchError, identity, matches, model_name, tensor_hash, weights_version  # noqa: F401
+from kedit.identity import EditMismatchError, identity, matches, model_name, tensor_hash, weights_version
+
+# EditMismatchError, model_name and tensor_hash were defined here first: they stay importable from here
 
 log = logging.getLogger(__name__)
 
@@ -193,7 +194,7 @@ def _read_edit_file(path: Path) -> tuple[dict[str, Any], dict[str, Tensor]]:
         with safe_open(str(path), framework="pt") as f:
             raw = (f.metadata() or {}).get("kedit")
         tensors = load_file(str(path))
-    except Exception as err:  # noqa: BLE001 - safetensors raises several types
+    except Exception as err:
         raise EditFileError(f"{path} is not a readable safetensors file: {err}") from None
     if raw is None:
         raise EditFileError(f"{path} is a safetensors file but not a kedit edit (no 'kedit' header)")
