@@ -131,7 +131,8 @@ def config_path(editor: str, config: str | os.PathLike) -> Path:
     shipped = shipped_config(editor, path.name.removesuffix(".yaml"))
     if path.parent == Path(".") and shipped is not None:
         return shipped
-    names = sorted([*(p.stem for p in (CONFIGS / editor.lower()).glob("*.yaml")), *SHARED_CONFIGS.get(editor.lower(), {})])
+    shared = SHARED_CONFIGS.get(editor.lower(), {})
+    names = sorted([*(p.stem for p in (CONFIGS / editor.lower()).glob("*.yaml")), *shared])
     raise DataNotFound(f"no config file at {path}" + (f"; shipped configs of {editor}: {', '.join(names)}"
                                                        if names else ""))
 
