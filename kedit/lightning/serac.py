@@ -395,6 +395,6 @@ class SERACModule(EditorCheckpointMixin, LightningModule):
 
 
 def _frozen_hash(clf: ScopeClassifier, trained: set[str]) -> str:
-    from kedit.editors.base import tensor_hash
+    from kedit.identity import tensor_hash
 
     return tensor_hash({n: p for n, p in clf.named_parameters() if n not in trained})
