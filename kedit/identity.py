@@ -1,6 +1,7 @@
 """What model, and which weights: the one place kedit decides whether two weights are the same.
 
-Three questions, three functions:
+Three questions about weights, three functions (and :func:`config_key` for "which checkpoint",
+from the config alone):
 
 * **Which bits exactly?** :func:`tensor_hash`: sha256 over names, dtypes, shapes and bytes.
   Exact, and it copies every tensor to the host: for files (checksums in headers) and for an
@@ -43,6 +44,14 @@ def model_name(model: nn.Module) -> str:
     """The model's checkpoint name (``config._name_or_path``), else its family, else its class."""
     config = getattr(model, "config", None)
     return str(getattr(config, "_name_or_path", "") or getattr(config, "model_type", "") or type(model).__name__)
+
+
+def config_key(model: nn.Module) -> str:
+    """``<name>-<sha256 of the full config JSON, 12 hex>``: which model, without reading weights
+    (for caches of what depends on the architecture and checkpoint, not on later edits)."""
+    config = getattr(model, "config", None)
+    text = config.to_json_string(use_diff=False) if hasattr(config, "to_json_string") else ""
+    return f"{model_name(model)}-{hashlib.sha256(text.encode()).hexdigest()[:12]}"
 
 
 def tensor_hash(tensors: Mapping[str, Tensor]) -> str:

@@ -117,6 +117,14 @@ def test_fingerprint_sees_weights_and_foreign_hooks(tiny):
     assert identity.state_digest(model, full=True) == identity.tensor_hash(model.state_dict())
 
 
+def test_config_key_names_the_model_and_follows_its_config(tiny):
+    model, _ = tiny("llama")
+    key = identity.config_key(model)
+    assert key.startswith("tiny-llama-") and identity.config_key(tiny("llama")[0]) == key
+    model.config.rms_norm_eps = model.config.rms_norm_eps * 2
+    assert identity.config_key(model) != key
+
+
 def test_one_exception_for_a_wrong_base():
     from kedit.checkpoint import BaseModelMismatch
     from kedit.editors import EditMismatchError
