@@ -194,7 +194,7 @@ def _read_edit_file(path: Path) -> tuple[dict[str, Any], dict[str, Tensor]]:
         with safe_open(str(path), framework="pt") as f:
             raw = (f.metadata() or {}).get("kedit")
         tensors = load_file(str(path))
-    except Exception as err:
+    except Exception as err:  # noqa: BLE001 - safetensors raises several types
         raise EditFileError(f"{path} is not a readable safetensors file: {err}") from None
     if raw is None:
         raise EditFileError(f"{path} is a safetensors file but not a kedit edit (no 'kedit' header)")
@@ -234,10 +234,12 @@ class WeightDelta(Edit):
     """``W[name] += left @ right.T`` (low rank) or ``W[name] += dense[name]``.
 
     Factors are in the parameter's storage orientation (see ``Arch.low_rank_factors``).
-    ``base`` records the model name and a hash of the original values of the touched
-    weights; applying onto other weights raises :class:`EditMismatchError`. A delta is
-    checked when it is made (factor shapes, finite values) and when it is applied (its
-    shape equals the weight's, no broadcasting); ``apply`` changes all weights or none.
+    ``base`` records the model name and a digest of the original values of the touched
+    weights (:mod:`kedit.identity`: cheap and computed on the weights' device, so ``apply``
+    copies no weight to the host); applying onto other weights raises
+    :class:`EditMismatchError`. A delta is checked when it is made (factor shapes, finite
+    values) and when it is applied (its shape equals the weight's, no broadcasting); ``apply``
+    changes all weights or none.
     """
 
     factors: dict[str, tuple[Tensor, Tensor]] = field(default_factory=dict)
