@@ -217,7 +217,7 @@ def save_tensors(path: str | os.PathLike, tensors: Mapping, metadata: Mapping[st
     """safetensors file with a checksum of the tensors (names, dtypes, shapes, bytes) in its header."""
     from safetensors.torch import save_file
 
-    from kedit.editors.base import tensor_hash
+    from kedit.identity import tensor_hash
 
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     save_file(tensors, str(path), metadata={**(metadata or {}), CHECKSUM_KEY: tensor_hash(tensors)})
@@ -228,7 +228,7 @@ def load_tensors(path: str | os.PathLike, shapes: Mapping[str, tuple[int, ...]] 
     shape in ``shapes`` does not match."""
     from safetensors import safe_open
 
-    from kedit.editors.base import tensor_hash
+    from kedit.identity import tensor_hash
 
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata() or {}

@@ -9,9 +9,10 @@ whose header metadata ``"kedit_editor"`` is JSON::
 ``load_editor(path)`` reads the header and dispatches to
 ``editor_class(meta["editor"]).from_artifact(path)``. Tensors are plain safetensors (no
 pickle): loading runs no code from the file. The base model's identity (its name and a
-hash of the weights the editor was trained on) travels with the editor, and
-:func:`check_base_identity` refuses a different base model with a clear error.
-``sha256`` (:func:`~kedit.editors.base.tensor_hash` of the tensors) is verified on load;
+digest of the weights the editor was trained on, see :mod:`kedit.identity`) travels with the
+editor, and :func:`check_base_identity` refuses a different base model with a clear error
+(:class:`~kedit.identity.EditMismatchError`, also importable as ``BaseModelMismatch``).
+``sha256`` (:func:`~kedit.identity.tensor_hash` of the tensors) is verified on load;
 files written before it existed load unverified. A malformed header, a corrupt or
 non-finite tensor raises :class:`~kedit.editors.base.EditFileError` naming the file and field.
 """
@@ -27,6 +28,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from kedit.identity import EditMismatchError, identity, matches, model_name, tensor_hash
+
 log = logging.getLogger(__name__)
 
 ARTIFACT_FORMAT = 1
@@ -34,8 +37,8 @@ META_KEY = "kedit_editor"
 ARTIFACT_FILE = "editor.safetensors"
 
 
-class BaseModelMismatch(RuntimeError):
-    """An editor trained for one base model is used with another."""
+BaseModelMismatch = EditMismatchError
+"""The name this failure had in kedit.checkpoint: the same class, so ``except`` either catches both."""
 
 
 def artifact_file(path: str | Path) -> Path:
@@ -154,8 +157,6 @@ def save_artifact(
     """Write an editor artifact. ``path`` ending in ``.safetensors`` is a file, else a folder."""
     from safetensors.torch import save_file
 
-    from kedit.editors.base import tensor_hash
-
     path = Path(path)
     file = path if path.suffix == ".safetensors" else path / ARTIFACT_FILE
     file.parent.mkdir(parents=True, exist_ok=True)
@@ -171,14 +172,12 @@ def save_artifact(
 
 
 def base_model_identity(model: nn.Module, names: Sequence[str] | None = None) -> dict[str, Any]:
-    """Name of a base model plus a sha256 of some of its weights (cheap: not all of them).
+    """Name of a base model plus a digest of some of its weights (:func:`kedit.identity.identity`).
 
     ``names``: the parameters to hash. Default: the token embedding, the first block's
     attention output projection and the final norm (from the Arch table): weights that
     editors do not change, so the identity survives earlier edits (sequential editing).
     """
-    from kedit.editors.base import base_identity
-
     if names is None:
         from kedit.models import arch_of
 
@@ -186,39 +185,31 @@ def base_model_identity(model: nn.Module, names: Sequence[str] | None = None) ->
         params = dict(model.named_parameters())
         candidates = (f"{arch.embed}.weight", f"{arch.attn_out_module(0)}.weight", f"{arch.final_norm}.weight")
         names = [n for n in candidates if n in params]
-    ident = dict(base_identity(model, list(names)))
-    ident["weights"] = list(names)
-    return ident
+    return {**identity(model, list(names)), "weights": list(names)}
 
 
 def check_base_identity(expected: Mapping[str, Any] | None, model: nn.Module, what: str = "editor") -> None:
-    """Raise :class:`BaseModelMismatch` unless ``model`` has the weights ``expected`` was made on."""
+    """Raise :class:`EditMismatchError` unless ``model`` has the weights ``expected`` was made on."""
     if not expected or not expected.get("hash"):
         return
-    from kedit.editors.base import model_name, tensor_hash
-
     names = list(expected.get("weights") or [])
     params = dict(model.named_parameters())
     missing = [n for n in names if n not in params]
     got_name = model_name(model)
+    trained_for = f"this {what} was trained for base model {expected.get('name')!r}"
     if missing:
-        raise BaseModelMismatch(
-            f"this {what} was trained for base model {expected.get('name')!r}, but the model given "
-            f"({got_name!r}, {type(model).__name__}) has no weight(s) {missing[:3]}. Load it onto "
-            f"{expected.get('name')!r}.")
-    shapes = expected.get("shapes") or {}
-    for n, shape in shapes.items():
+        raise EditMismatchError(f"{trained_for}, but the model given ({got_name!r}, {type(model).__name__}) has no "
+                                f"weight(s) {missing[:3]}. Load it onto {expected.get('name')!r}.")
+    for n, shape in (expected.get("shapes") or {}).items():
         if n in params and list(params[n].shape) != list(shape):
-            raise BaseModelMismatch(
-                f"this {what} was trained for base model {expected.get('name')!r}, but {n} of the "
-                f"model given ({got_name!r}) has shape {list(params[n].shape)}, not {shape}.")
-    got = tensor_hash({n: params[n] for n in names})
-    if got != expected["hash"]:
-        raise BaseModelMismatch(
-            f"this {what} was trained for base model {expected.get('name')!r} (weights hash "
-            f"{expected['hash'][:12]}…), but the model given is {got_name!r} whose weights hash to "
-            f"{got[:12]}…. A trained editor only works on the exact base model it was trained on: "
-            f"load {expected.get('name')!r} (in the same dtype), or train an editor for this model.")
+            raise EditMismatchError(f"{trained_for}, but {n} of the model given ({got_name!r}) has shape "
+                                    f"{list(params[n].shape)}, not {shape}.")
+    same, got = matches(expected, model, names)
+    if not same:
+        raise EditMismatchError(
+            f"{trained_for} (weights hash {expected['hash'][:12]}…), but the model given is {got_name!r} whose "
+            f"weights hash to {got[:12]}…. A trained editor only works on the exact base model it was trained "
+            f"on: load {expected.get('name')!r} (in the same dtype), or train an editor for this model.")
 
 
 def load_editor(path: str | Path, model: nn.Module | None = None):

@@ -90,18 +90,36 @@ def configs_dir() -> Path:
     return CONFIGS
 
 
+SHARED_CONFIGS: dict[str, dict[str, str]] = {
+    "rome": {"gemma2": "gptj", "mistral": "gptj", "qwen2": "gptj", "qwen3": "gptj"},
+    "memit": {"mistral": "llama", "qwen2": "llama", "qwen3": "llama"},
+    "alphaedit": {"qwen2": "mistral", "qwen3": "mistral"},
+}
+"""Per editor, the families whose tuned values are another family's (same layers, same settings):
+one YAML serves them all, and its header says for which models its values were chosen."""
+
+
+def shipped_config(editor: str, name: str) -> Path | None:
+    """The shipped ``configs/<editor>/<name>.yaml``, or the one ``name`` shares (:data:`SHARED_CONFIGS`)."""
+    editor = editor.lower()
+    name = SHARED_CONFIGS.get(editor, {}).get(name, name)
+    path = CONFIGS / editor / f"{name}.yaml"
+    return path if name and path.is_file() else None
+
+
 def tuned_config(editor: str, model=None, model_name: str | None = None) -> Path | None:
     """The shipped YAML of tuned hyperparameters for ``editor`` on a model: the one named after
     the model (``configs/<editor>/<model name>.yaml``) first, then the one of its family
-    (``<config.model_type>.yaml``); None when neither exists (the papers' values apply)."""
-    folder = CONFIGS / editor.lower()
+    (``<config.model_type>.yaml``, or the one it shares); None when neither exists (the papers'
+    values apply)."""
     if model_name is None and model is not None:
         model_name = str(getattr(getattr(model, "config", None), "_name_or_path", "") or "")
     stems = [Path(model_name).name if model_name else "",
              getattr(getattr(model, "config", None), "model_type", "") or ""]
     for stem in stems:
-        if stem and (folder / f"{stem}.yaml").is_file():
-            return folder / f"{stem}.yaml"
+        found = shipped_config(editor, stem)
+        if found is not None:
+            return found
     return None
 
 
@@ -110,10 +128,11 @@ def config_path(editor: str, config: str | os.PathLike) -> Path:
     path = Path(config).expanduser()
     if path.is_file():
         return path
-    shipped = CONFIGS / editor.lower() / f"{path.name.removesuffix('.yaml')}.yaml"
-    if path.parent == Path(".") and shipped.is_file():
+    shipped = shipped_config(editor, path.name.removesuffix(".yaml"))
+    if path.parent == Path(".") and shipped is not None:
         return shipped
-    names = sorted(p.stem for p in (CONFIGS / editor.lower()).glob("*.yaml"))
+    shared = SHARED_CONFIGS.get(editor.lower(), {})
+    names = sorted([*(p.stem for p in (CONFIGS / editor.lower()).glob("*.yaml")), *shared])
     raise DataNotFound(f"no config file at {path}" + (f"; shipped configs of {editor}: {', '.join(names)}"
                                                        if names else ""))
 

@@ -40,6 +40,7 @@ from torch import Tensor, nn
 from kedit.atomic import load_tensors, read_cache, save_tensors, write_cache
 from kedit.hooks import run_until, trace
 from kedit.models.arch import arch_of
+from kedit.utils import chunks, pad_id
 
 log = logging.getLogger(__name__)
 
@@ -240,9 +241,7 @@ def _token_chunks(tokenizer, texts: Iterator[str], seq_len: int, min_len: int = 
     bos = tokenizer.bos_token_id if getattr(tokenizer, "add_bos_token", False) else None
     for text in texts:
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        step = seq_len - (bos is not None)
-        for i in range(0, len(ids), step):
-            chunk = ids[i:i + step]
+        for chunk in chunks(ids, seq_len - (bos is not None)):
             if len(chunk) >= min_len:
                 yield ([bos] if bos is not None else []) + chunk
 
@@ -254,7 +253,7 @@ def _measure(model, tokenizer, layers: list[int], corpus: Corpus, n_tokens: int,
     names = {layer: arch.mlp_out_module(layer) for layer in layers}
     stop = names[max(layers)]
     device = next(model.parameters()).device
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    pad = pad_id(tokenizer)
     d_in = {layer: arch.mlp_dims(model, layer)[0] for layer in layers}
     acc = {layer: torch.zeros(d_in[layer], d_in[layer], dtype=torch.float64, device=device) for layer in layers}
     seen = 0
@@ -264,13 +263,13 @@ def _measure(model, tokenizer, layers: list[int], corpus: Corpus, n_tokens: int,
 
         bar = tqdm(total=n_tokens, unit="tok", unit_scale=True, desc=f"second moments, layers {layers}",
                    disable=None)
-    chunks = _token_chunks(tokenizer, iter_texts(corpus), seq_len)
+    sequences = _token_chunks(tokenizer, iter_texts(corpus), seq_len)
     was_training = model.training
     model.eval()
     try:
         while seen < n_tokens:
             batch, budget = [], n_tokens - seen
-            for chunk in chunks:
+            for chunk in sequences:
                 batch.append(chunk[:budget])  # keep exactly n_tokens: trim the last sequence
                 budget -= len(batch[-1])
                 if len(batch) == batch_size or budget <= 0:

@@ -115,8 +115,8 @@ def main(args: list[str] | None = None) -> None:
     kedit_log = logging.getLogger("kedit")
     kedit_log.addHandler(handler)
     kedit_log.setLevel(logging.INFO)
-    from kedit.checkpoint import BaseModelMismatch
     from kedit.data.request import RequestError
+    from kedit.identity import EditMismatchError
     from kedit.lightning.common import TrainSetupError
     from kedit.models.loading import MissingModelPackage, ModelNotFound
     from kedit.lightning.wandb_tmp import import_wandb
@@ -131,7 +131,7 @@ def main(args: list[str] | None = None) -> None:
             args=args,
         )
     except Exception as err:  # noqa: BLE001 - the user's errors become one line, others propagate
-        user = (TrainSetupError, RequestError, BaseModelMismatch, ModelNotFound, MissingModelPackage)
+        user = (TrainSetupError, RequestError, EditMismatchError, ModelNotFound, MissingModelPackage)
         cause: BaseException | None = err
         while cause is not None and not isinstance(cause, user):  # jsonargparse wraps what __init__ raised
             cause = cause.__cause__ or cause.__context__

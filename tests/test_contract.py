@@ -38,7 +38,8 @@ from safetensors import safe_open
 from kedit.data import encode
 from kedit.data.encode import target_logprobs
 from kedit.editors import EDITORS, Edit, EditMismatchError, EditStack, WeightDelta
-from kedit.editors.base import EditStateError, base_identity, editor_class, tensor_hash
+from kedit.editors.base import EditStateError, base_identity, editor_class
+from kedit.identity import weights_digest
 from kedit.models import arch_of
 from kedit.testing import tiny_model
 from conftest import assert_state_equal
@@ -272,8 +273,7 @@ def test_header_records_base_name_and_hash(tmp_path):
     base = header["meta"]["base"]
     assert base["name"] == "tiny-gpt2"
     params = dict(model.named_parameters())
-    assert base["hash"] == tensor_hash({n: params[n] for n in edit.names})
-    assert len(base["hash"]) == 64
+    assert base["hash"] == weights_digest({n: params[n] for n in edit.names}) and base["digest"] == "bitsum"
 
 
 def test_low_rank_factors_follow_storage_orientation():

@@ -157,6 +157,8 @@ def _trainer_yaml(path: Path, kill_at: int | None = None) -> Path:
     import yaml
 
     cfg = yaml.safe_load((ROOT / "trainers" / "cpu.yaml").read_text())
+    for key in ("logger", "callbacks"):  # the presets name shared files (trainers/shared/)
+        cfg[key] = yaml.safe_load((ROOT / "trainers" / cfg[key]).read_text())
     for cb in cfg["callbacks"]:
         if cb["class_path"].endswith("ModelCheckpoint"):
             cb["init_args"]["every_n_train_steps"] = 1

@@ -32,6 +32,21 @@ def test_trainer_preset_parses(trainer):
     assert t.inference_mode is False
 
 
+def test_trainer_presets_share_one_logger_and_callbacks_block():
+    """Every preset names trainers/shared/{loggers,callbacks}.yaml; they differ only in devices and steps."""
+    import yaml
+
+    experiment = ROOT / "configs" / "mend" / "tiny-llama.yaml"
+    for trainer in TRAINERS:
+        raw = yaml.safe_load(trainer.read_text())
+        assert (raw["logger"], raw["callbacks"]) == ("shared/loggers.yaml", "shared/callbacks.yaml"), trainer.name
+    parsed = [_parse(["--config", str(experiment), "--trainer", str(t)]).fit.trainer for t in TRAINERS]
+    assert all(t.logger == parsed[0].logger and t.callbacks == parsed[0].callbacks for t in parsed)
+    every = _parse(["--config", str(experiment), "--trainer", str(TRAINERS[0]),
+                    "--trainer.callbacks.init_args.every_n_train_steps=7"]).fit.trainer.callbacks
+    assert every[0].init_args.every_n_train_steps == 7  # the cadence is still one flag away
+
+
 @pytest.mark.parametrize("config", EXPERIMENTS, ids=lambda p: str(p.relative_to(ROOT)))
 def test_experiment_config_parses(config):
     cfg = _parse(["--config", str(config), "--trainer", str(ROOT / "trainers" / "cpu.yaml")])

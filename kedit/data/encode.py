@@ -9,6 +9,7 @@ from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
 from kedit.data.request import EditRequest, RequestError
+from kedit.utils import pad_id
 
 IGNORE = -100
 NO_LIMIT = 10**9
@@ -68,9 +69,7 @@ def encode(
     """
     if targets is not None and len(targets) != len(prompts):
         raise ValueError(f"{len(prompts)} prompts but {len(targets)} targets")
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    if pad is None:
-        pad = 0
+    pad = pad_id(tokenizer)
     prompt_ids = [tokenizer(p)["input_ids"] for p in prompts]
     if targets is None:
         rows, labels = prompt_ids, [[IGNORE] * len(r) for r in prompt_ids]

@@ -439,18 +439,18 @@ def _from_counterfact(r: _Record) -> Converted:
     return kw, names
 
 
+def _listed(value: Any) -> list:
+    """``[value]``, or ``[]`` for a missing (None) optional field."""
+    return [] if value is None else [value]
+
+
 def _from_counterfact_mend(r: _Record) -> Converted:
-    loc_prompt = r.str("locality_prompt", required=False)
-    kw = {
-        "prompt": r.str("prompt"),
-        "subject": r.str("subject"),
-        "target_new": r.str("target_new"),
-        "target_true": r.first("ground_truth"),
-        "paraphrase_prompts": [p for p in [r.str("rephrase_prompt", required=False)] if p is not None],
-        "neighborhood": ([{"prompt": loc_prompt, "answer": r.first("locality_ground_truth")}]
-                         if loc_prompt is not None else []),
-        "case_id": r.get("case_id", required=False),
-    }
+    loc = r.str("locality_prompt", required=False)
+    kw = {"prompt": r.str("prompt"), "subject": r.str("subject"), "target_new": r.str("target_new"),
+          "target_true": r.first("ground_truth"),
+          "paraphrase_prompts": _listed(r.str("rephrase_prompt", required=False)),
+          "neighborhood": [] if loc is None else [{"prompt": loc, "answer": r.first("locality_ground_truth")}],
+          "case_id": r.get("case_id", required=False)}
     return kw, {"target_true": "ground_truth", "paraphrase_prompts": "rephrase_prompt",
                 "neighborhood": "locality_prompt"}
 
@@ -482,7 +482,7 @@ def _from_zsre_mend(r: _Record) -> Converted:
         "subject": r.str("subject"),
         "target_new": r.str("alt"),
         "target_true": r.first("answers"),
-        "paraphrase_prompts": [rephrase] if rephrase is not None else [],
+        "paraphrase_prompts": _listed(rephrase),
         "neighborhood": [{"prompt": nq_question(loc), "answer": r.str("loc_ans")}] if loc is not None else [],
         "portability": probes,
         "case_id": r.get("case_id", required=False) if "case_id" in r.rec else r.index,
@@ -498,7 +498,7 @@ def _from_knowedit(r: _Record) -> Converted:
         "subject": r.str("subject"),
         "target_new": r.first("target_new"),
         "target_true": r.first("ground_truth", required=False),
-        "paraphrase_prompts": [rephrase] if rephrase is not None else [],
+        "paraphrase_prompts": _listed(rephrase),
         "neighborhood": r.probes("locality"),
         "portability": r.probes("portability"),
         "case_id": r.get("case_id", required=False) if "case_id" in r.rec else r.index,
@@ -532,7 +532,7 @@ def _mquake_case(r: _Record) -> list[Converted]:
                 "subject": subject,
                 "target_new": sub.str("target_new.str"),
                 "target_true": sub.str("target_true.str"),
-                "paraphrase_prompts": [question] if question is not None else [],
+                "paraphrase_prompts": _listed(question),
                 "portability": ([{"prompt": q, "answer": new_answer} for q in questions]
                                 if j == len(rewrites) - 1 else []),
                 "case_id": f"{case}/{j}",

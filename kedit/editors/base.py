@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
 import inspect
 import json
 import logging
@@ -27,14 +26,13 @@ from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
 from kedit.data.request import EditRequest
+from kedit.identity import EditMismatchError, identity, matches, model_name, tensor_hash, weights_version
+
+# EditMismatchError, model_name and tensor_hash were defined here first: they stay importable from here
 
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
-
-
-class EditMismatchError(RuntimeError):
-    """An edit is applied to a model other than the one it was computed on."""
 
 
 class EditStateError(RuntimeError):
@@ -54,25 +52,8 @@ class EditFileError(InvalidEditError):
 # --------------------------------------------------------------------------- identity
 
 
-def tensor_hash(tensors: Mapping[str, Tensor]) -> str:
-    """sha256 over names, dtypes, shapes and bytes, in name order."""
-    h = hashlib.sha256()
-    for name in sorted(tensors):
-        t = tensors[name].detach().contiguous().cpu()
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")  # 0-d too
-    return h.hexdigest()
-
-
-def model_name(model: nn.Module) -> str:
-    config = getattr(model, "config", None)
-    return str(getattr(config, "_name_or_path", "") or getattr(config, "model_type", "") or type(model).__name__)
-
-
-def base_identity(model: nn.Module, names: Sequence[str]) -> dict[str, str]:
-    """Identity of the base weights an edit touches: model name plus a hash of their values."""
-    params = dict(model.named_parameters())
-    return {"name": model_name(model), "hash": tensor_hash({n: params[n] for n in names})}
+base_identity = identity
+"""The identity of the base weights an edit touches (:func:`kedit.identity.identity`)."""
 
 
 def verify_checksum(tensors: Mapping[str, Tensor], expected: Any, source: str | Path) -> None:
@@ -253,10 +234,12 @@ class WeightDelta(Edit):
     """``W[name] += left @ right.T`` (low rank) or ``W[name] += dense[name]``.
 
     Factors are in the parameter's storage orientation (see ``Arch.low_rank_factors``).
-    ``base`` records the model name and a hash of the original values of the touched
-    weights; applying onto other weights raises :class:`EditMismatchError`. A delta is
-    checked when it is made (factor shapes, finite values) and when it is applied (its
-    shape equals the weight's, no broadcasting); ``apply`` changes all weights or none.
+    ``base`` records the model name and a digest of the original values of the touched
+    weights (:mod:`kedit.identity`: cheap and computed on the weights' device, so ``apply``
+    copies no weight to the host); applying onto other weights raises
+    :class:`EditMismatchError`. A delta is checked when it is made (factor shapes, finite
+    values) and when it is applied (its shape equals the weight's, no broadcasting); ``apply``
+    changes all weights or none.
     """
 
     factors: dict[str, tuple[Tensor, Tensor]] = field(default_factory=dict)
@@ -325,21 +308,21 @@ class WeightDelta(Edit):
                                        f"shape {want}")
 
     def check_base(self, model: nn.Module) -> None:
+        """The touched weights are the ones the edit was computed on (the digest ``base`` records:
+        cheap by default, a full sha256 when made with ``KEDIT_FULL_HASH=1``; see kedit.identity)."""
         params = dict(model.named_parameters())
         if not self.base or any(n not in params for n in self.names):
             self.check_fits(model)  # missing weights, wrong shapes
             return
         # another base model first (its weights' shapes differ too), then the shapes
-        got = tensor_hash({n: params[n] for n in self.names})
-        if got == self.base.get("hash"):
-            self.check_fits(model)
-        else:
+        same, got = matches(self.base, model, self.names)
+        if not same:
             raise EditMismatchError(
                 f"this edit was computed on {self.base.get('name')!r} (weights hash "
                 f"{self.base.get('hash', '')[:12]}…), but the model given is {model_name(model)!r} "
                 f"with hash {got[:12]}… for the edited weights. Apply it to the model (and the "
-                f"edit stack) it was made on."
-            )
+                f"edit stack) it was made on.")
+        self.check_fits(model)
 
     @torch.no_grad()
     def apply(self, model: nn.Module, check: bool = True) -> None:
@@ -533,18 +516,17 @@ class Editor(ABC):
         """
 
     def check_base(self, model: nn.Module) -> None:
-        """A trained editor refuses a model other than its base (``BaseModelMismatch``).
+        """A trained editor refuses a model other than its base (:class:`EditMismatchError`).
 
-        The hash is computed once per model and state of the hashed weights.
+        The hash is computed once per model and version of the hashed weights
+        (:func:`kedit.identity.weights_version`).
         """
         base = getattr(self, "base", None)
         if not base:
             return
         from kedit.checkpoint import check_base_identity
 
-        params = dict(model.named_parameters())
-        key = (id(model), tuple((params[n].data_ptr(), params[n]._version)
-                                for n in base.get("weights") or [] if n in params))
+        key = weights_version(model, base.get("weights") or [])
         if key != getattr(self, "_base_checked", None):
             check_base_identity(base, model, what=f"{self.name} editor")
             self._base_checked = key

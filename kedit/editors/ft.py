@@ -40,6 +40,7 @@ from kedit.data.encode import target_logits
 from kedit.data.request import EditRequest
 from kedit.editors.base import Editor, Requests, WeightDelta, as_requests, base_identity
 from kedit.models.arch import Arch, arch_of
+from kedit.utils import check_layers, chunks, depth_layer
 
 log = logging.getLogger(__name__)
 
@@ -49,25 +50,16 @@ AUTO_DEPTH = 21 / 32
 Objective = Literal["target", "prompt_last"]
 
 
-def auto_layer(arch: Arch, model: nn.Module, depth: float = AUTO_DEPTH) -> int:
-    """The layer at relative ``depth`` of the model's blocks."""
-    n = arch.num_layers(model)
-    return min(n - 1, max(0, round(depth * n)))
-
-
 def resolve_layers(layers: list[int] | str, arch: Arch, model: nn.Module) -> list[int]:
     """``"auto"`` -> one layer at 2/3 depth; ``"all"`` -> every layer; else check the indices."""
     n = arch.num_layers(model)
     if layers == "auto":
-        return [auto_layer(arch, model)]
+        return [depth_layer(n, AUTO_DEPTH)]
     if layers == "all":
         return list(range(n))
     if isinstance(layers, str) or not layers:
         raise ValueError(f"layers must be 'auto', 'all' or a non-empty list of ints, got {layers!r}")
-    bad = [i for i in layers if not -n <= i < n]
-    if bad:
-        raise ValueError(f"layers {bad} out of range: the model has {n} layers")
-    return sorted({i % n for i in layers})
+    return check_layers(layers, n)
 
 
 def frozen_params(model: nn.Module) -> dict[str, Tensor]:
@@ -122,11 +114,6 @@ class TrainSpec:
     """Called under no_grad after every optimizer step (FT-L's norm constraint)."""
     context: Callable[[], AbstractContextManager] = nullcontext
     """Context around every forward (LoRA installs its hooks here)."""
-
-
-def chunks(reqs: list[EditRequest], size: int) -> Iterator[list[EditRequest]]:
-    for i in range(0, len(reqs), max(1, size)):
-        yield reqs[i:i + max(1, size)]
 
 
 def fit(model: nn.Module, tokenizer: PreTrainedTokenizerBase, reqs: list[EditRequest], spec: TrainSpec,

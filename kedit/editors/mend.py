@@ -35,6 +35,7 @@ from kedit.data.encode import IGNORE, encode, model_inputs, target_logprobs
 from kedit.editors.base import Editor, Requests, WeightDelta, as_requests, base_identity
 from kedit.hooks import trace
 from kedit.models import arch_of
+from kedit.utils import check_layers
 
 log = logging.getLogger(__name__)
 
@@ -208,11 +209,8 @@ def edited_weights(model: nn.Module, hparams: MENDHparams) -> list[str]:
     arch = arch_of(model)
     n = arch.num_layers(model)
     layers = hparams.layers if hparams.layers is not None else list(range(n - hparams.num_last_layers, n))
-    bad = [layer for layer in layers if not -n <= layer < n]
-    if bad:
-        raise ValueError(f"MEND layers {bad} out of range: the model has {n} blocks")
     names: list[str] = []
-    for layer in sorted(layer % n for layer in layers):
+    for layer in check_layers(layers, n, "MEND layers"):
         for kind in hparams.weights:
             if kind == "mlp_in":
                 modules = arch.mlp_in_modules(layer, model)
@@ -341,14 +339,18 @@ class MEND(Editor):
             raise ValueError("this MEND editor has no hypernetwork to save")
         return dict(self.net.state_dict()), {"dims": {n: list(v) for n, v in self.net.dims.items()}}
 
-    def save(self, path: str | Path, dtype: torch.dtype | None = None) -> Path:
-        """Write this editor as an artifact for ``kedit.load_editor`` (optionally casting MLP weights)."""
+    def save(self, path: str | Path, dtype: torch.dtype | None = None, extra: dict[str, Any] | None = None) -> Path:
+        """Write this editor as an artifact for ``kedit.load_editor`` (optionally casting MLP weights).
+
+        The one writer of MEND artifacts (``MENDModule.export_editor`` calls it); ``extra``: more
+        header entries (the training run's model name).
+        """
         from kedit.checkpoint import save_artifact
 
-        tensors, extra = self.artifact_state()
+        tensors, own = self.artifact_state()
         if dtype is not None:
             tensors = {k: v.to(dtype) if k.startswith("mlps.") else v for k, v in tensors.items()}
-        return save_artifact(path, self.name, tensors, self.hparams.as_dict(), self.base, extra)
+        return save_artifact(path, self.name, tensors, self.hparams.as_dict(), self.base, {**own, **(extra or {})})
 
     # -- editing
     def edit(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, requests: Requests, history=()) -> WeightDelta:

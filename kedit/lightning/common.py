@@ -15,7 +15,6 @@
 from __future__ import annotations
 
 import logging
-import netrc
 import os
 from pathlib import Path
 from typing import Any
@@ -27,6 +26,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from torch import nn
 
 from kedit.lightning.wandb_tmp import import_wandb
+from kedit.utils import wandb_key_configured, wandb_mode  # noqa: F401 - wandb_key_configured: public here before
 
 log = logging.getLogger(__name__)
 
@@ -48,18 +48,6 @@ class DataError(TrainSetupError, ValueError):
 # --------------------------------------------------------------------------- W&B
 
 
-def wandb_key_configured() -> bool:
-    """Whether W&B credentials exist: ``WANDB_API_KEY`` or an ``api.wandb.ai`` entry in ~/.netrc."""
-    if os.environ.get("WANDB_API_KEY"):
-        return True
-    try:
-        rc = netrc.netrc(os.environ.get("NETRC") or None)
-    except (FileNotFoundError, netrc.NetrcParseError, OSError):
-        return False
-    host = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai").split("://")[-1].rstrip("/")
-    return rc.authenticators(host) is not None
-
-
 class WandbLogger(_WandbLogger):
     """``lightning.pytorch.loggers.WandbLogger`` that runs offline when no W&B key is configured.
 
@@ -72,9 +60,8 @@ class WandbLogger(_WandbLogger):
 
     def __init__(self, *args: Any, offline: bool | None = None, **kwargs: Any) -> None:
         if offline is None:
-            mode = os.environ.get("WANDB_MODE", "")
-            offline = mode in ("offline", "disabled", "dryrun") or (not mode and not wandb_key_configured())
-            if offline and not mode:
+            offline = wandb_mode() != "online"
+            if offline and not os.environ.get("WANDB_MODE"):
                 log.info("no W&B key configured: logging offline (upload later with `wandb sync`)")
         kwargs.setdefault("save_dir", "logs")
         Path(kwargs["save_dir"]).mkdir(parents=True, exist_ok=True)
@@ -110,6 +97,8 @@ class EditorCheckpointMixin:
 
     editor_name: str = ""
     artifact_prefix: str = ""
+    export_dtype: torch.dtype | None = None
+    """The dtype :meth:`export_editor` stores floating-point tensors in (None: as trained)."""
     _BASE = "base."
 
     def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
@@ -155,11 +144,14 @@ class EditorCheckpointMixin:
         return {k[len(p):]: v for k, v in sd.items() if k.startswith(p)}
 
     def export_editor(self, path: str | Path) -> Path:
-        """Write this module's editor as a safetensors editor artifact."""
+        """Write this module's editor as a safetensors editor artifact (in :attr:`export_dtype`)."""
         from kedit.checkpoint import save_artifact
 
-        return save_artifact(path, self.editor_name, self.editor_tensors(), self.editor_hparams(),
-                             self.base_identity(), self.artifact_extra())
+        tensors, extra = self.editor_tensors(), self.artifact_extra()
+        if self.export_dtype is not None:
+            tensors = {k: v.detach().to(self.export_dtype) if v.is_floating_point() else v for k, v in tensors.items()}
+            extra = {**extra, "storage_dtype": str(self.export_dtype).removeprefix("torch.")}
+        return save_artifact(path, self.editor_name, tensors, self.editor_hparams(), self.base_identity(), extra)
 
 
 def resume_inside_cut_epoch(checkpoint: dict[str, Any]) -> bool:

@@ -16,9 +16,8 @@ hparams and the base identity are saved).
 from __future__ import annotations
 
 import logging
-import resource
-import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -30,23 +29,14 @@ from kedit.data.encode import encode, model_inputs, target_logits, target_logpro
 from kedit.editors.mend import MEND, MENDHparams, MENDNet, edited_weights, gradient_inputs, mean_nll, weight_dims
 from kedit.lightning.common import EditorCheckpointMixin, load_base
 from kedit.models import arch_of
+from kedit.utils import kl_divergence, peak_memory_mb
 
 log = logging.getLogger(__name__)
 
 
-def peak_memory_mb(device: torch.device) -> float:
-    """Peak GPU memory allocated on ``device`` (CUDA), else the process's peak resident memory."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss / 2**20 if sys.platform == "darwin" else rss / 1024
-
-
 def locality_kl(pre_logits: Tensor, post_logits: Tensor, mask: Tensor) -> Tensor:
     """Mean over real positions of KL(pre ‖ post) between next-token distributions."""
-    pre = torch.log_softmax(pre_logits.float(), -1)
-    post = torch.log_softmax(post_logits.float(), -1)
-    kl = (pre.exp() * (pre - post)).sum(-1)
+    kl = kl_divergence(torch.log_softmax(pre_logits.float(), -1), torch.log_softmax(post_logits.float(), -1))
     return (kl * mask).sum() / mask.sum().clamp(min=1)
 
 
@@ -100,11 +90,15 @@ class MENDModule(EditorCheckpointMixin, LightningModule):
         return self._identity
 
     def artifact_extra(self) -> dict[str, Any]:
-        return {"dims": {n: list(v) for n, v in self.mend.dims.items()}, "model": self.hparams["model"]}
+        return {**self.as_editor().artifact_state()[1], "model": self.hparams["model"]}
 
     def as_editor(self) -> MEND:
         """The current hypernetwork as a :class:`MEND` editor (shares its weights)."""
         return MEND(self.cfg, net=self.mend, base=self.base_identity())
+
+    def export_editor(self, path: str | Path) -> Path:
+        """Write the trained MEND as a ``kedit.load_editor`` artifact (:meth:`MEND.save`)."""
+        return self.as_editor().save(path, extra={"model": self.hparams["model"]})
 
     # -- optimization
     def configure_optimizers(self):

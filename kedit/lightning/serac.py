@@ -28,7 +28,6 @@ import math
 import random
 import re
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -41,6 +40,7 @@ from kedit.data.encode import IGNORE, target_ids
 from kedit.editors.serac import SERAC, ScopeClassifier, SERACHparams, cf_prefix, descriptor_of
 from kedit.lightning.common import EditorCheckpointMixin, load_base
 from kedit.models import arch_of
+from kedit.utils import pad_id, peak_memory_mb, peak_rss_mb
 
 log = logging.getLogger(__name__)
 
@@ -122,6 +122,7 @@ class SERACModule(EditorCheckpointMixin, LightningModule):
 
     editor_name = "serac"
     artifact_prefix = "editor."
+    export_dtype = torch.float16
     _BASE = "base."
 
     def __init__(self, editor: SERACHparams | None = None, training: SERACTraining | None = None,
@@ -266,15 +267,6 @@ class SERACModule(EditorCheckpointMixin, LightningModule):
         merge_low_rank(ed.cf_model, ed.cf_delta)
         return ed
 
-    def export_editor(self, path: str | Path) -> Path:
-        """Write the trained SERAC as a ``kedit.load_editor`` artifact (float16 tensors)."""
-        from kedit.checkpoint import save_artifact
-
-        tensors = {k[len("editor."):]: v.detach().to(torch.float16) for k, v in self.state_dict().items()
-                   if k.startswith("editor.")}
-        extra = {**self.artifact_extra(), "storage_dtype": "float16"}
-        return save_artifact(path, "serac", tensors, self.editor_hparams(), self.base_identity(), extra)
-
     # -- optimization
     def configure_optimizers(self):
         groups = []
@@ -339,7 +331,7 @@ class SERACModule(EditorCheckpointMixin, LightningModule):
                     body = body[1:]  # as the router does: the prefix already starts the sequence
                 rows.append(prefix + body + tgt)
                 labels.append([IGNORE] * (len(prefix) + len(body)) + tgt)
-        pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+        pad = pad_id(tok)
         n = max(len(r) for r in rows)
         return {"input_ids": torch.tensor([r + [pad] * (n - len(r)) for r in rows], device=self.device),
                 "attention_mask": torch.tensor([[1] * len(r) + [0] * (n - len(r)) for r in rows], device=self.device),
@@ -384,12 +376,11 @@ class SERACModule(EditorCheckpointMixin, LightningModule):
             torch.cuda.reset_peak_memory_stats()
 
     def on_train_end(self) -> None:
-        import resource
         import time
 
         secs = time.perf_counter() - getattr(self, "_fit_start", time.perf_counter())
-        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-        gpu = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0
+        rss = peak_rss_mb() / 2**10
+        gpu = peak_memory_mb("cuda") / 2**10 if torch.cuda.is_available() else 0.0
         log.info("SERAC training: %.1f s for %d steps; peak host RSS %.2f GiB; peak CUDA memory %.2f GiB",
                  secs, self.global_step, rss, gpu)
 
@@ -404,6 +395,6 @@ class SERACModule(EditorCheckpointMixin, LightningModule):
 
 
 def _frozen_hash(clf: ScopeClassifier, trained: set[str]) -> str:
-    from kedit.editors.base import tensor_hash
+    from kedit.identity import tensor_hash
 
     return tensor_hash({n: p for n, p in clf.named_parameters() if n not in trained})
