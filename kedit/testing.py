@@ -2,6 +2,11 @@
 
 Nothing is downloaded: models are built from configs with random weights, and the
 tokenizer is a byte-level BPE trained in memory on a few sentences.
+
+:data:`MODELS` names them ``tiny-<family>`` for :mod:`kedit.models.registry`: the test suite
+sets ``KEDIT_MODELS=kedit.testing``, so ``kedit.load_model("tiny-llama")`` and the tiny
+training configs work in tests and in the processes they start. kedit itself never imports
+this module.
 """
 
 from __future__ import annotations
@@ -86,6 +91,10 @@ def tiny_model(family: str = "llama", seed: int = 0) -> tuple[nn.Module, object]
     model = cls.from_config(config, dtype=torch.float32)
     model.config._name_or_path = f"tiny-{family}"
     return model.eval(), tok
+
+
+MODELS = {f"tiny-{family}": functools.partial(tiny_model, family) for family in FAMILIES}
+"""``tiny-<family>`` -> factory of a fresh tiny model (seed 0), for ``$KEDIT_MODELS``."""
 
 
 COUNTRIES = ["France", "Germany", "Italy", "Spain", "Japan", "Egypt", "Peru", "Chile", "Kenya", "Nepal",

@@ -11,8 +11,9 @@ import torch
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-
+# tiny-<family> models by name, here and in the processes tests start (kedit.models.registry)
+if "kedit.testing" not in os.environ.get("KEDIT_MODELS", "").split(","):
+    os.environ["KEDIT_MODELS"] = ",".join(filter(None, [os.environ.get("KEDIT_MODELS"), "kedit.testing"]))
 
 def _dev_data() -> Path | None:
     from kedit import paths
