@@ -79,13 +79,14 @@ def tiny_config(family: str, vocab_size: int, **overrides):
     raise KeyError(family)
 
 
-def tiny_model(family: str = "llama", seed: int = 0) -> tuple[nn.Module, object]:
-    """(model, tokenizer) of a tiny randomly initialized model of ``family``, in eval mode."""
+def tiny_model(family: str = "llama", seed: int = 0, **overrides) -> tuple[nn.Module, object]:
+    """(model, tokenizer) of a tiny randomly initialized model of ``family``, in eval mode;
+    ``overrides`` go to its config (e.g. ``initializer_range``)."""
     import transformers as tf
 
     tok = tiny_tokenizer()
     config = tiny_config(family, len(tok), pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
-                         bos_token_id=tok.bos_token_id)
+                         bos_token_id=tok.bos_token_id, **overrides)
     torch.manual_seed(seed)
     cls = tf.AutoModelForSeq2SeqLM if family == "t5" else tf.AutoModelForCausalLM
     model = cls.from_config(config, dtype=torch.float32)

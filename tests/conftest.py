@@ -15,6 +15,15 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 if "kedit.testing" not in os.environ.get("KEDIT_MODELS", "").split(","):
     os.environ["KEDIT_MODELS"] = ",".join(filter(None, [os.environ.get("KEDIT_MODELS"), "kedit.testing"]))
 
+def pytest_configure(config):
+    """The stub counterfactual model SERAC uses on tiny models, by name (tests/contract_settings.py)."""
+    from contract_settings import STUB_COUNTERFACTUAL, induction_copy_model
+
+    from kedit.models import register
+
+    register(STUB_COUNTERFACTUAL, induction_copy_model)
+
+
 def _dev_data() -> Path | None:
     from kedit import paths
 
