@@ -351,20 +351,14 @@ def _cheap_identity(model: nn.Module) -> dict[str, str]:
 
 def _tokenizer_for(model: nn.Module) -> PreTrainedTokenizerBase:
     """The tokenizer of a loaded edit's model, from where ``load_model`` reads it."""
-    from transformers import AutoTokenizer
-
-    from kedit.models.loading import resolve
+    from kedit.models.loading import load_tokenizer
 
     name = getattr(model.config, "_name_or_path", "")
     try:
-        where, kwargs = resolve(name)
-        tok = AutoTokenizer.from_pretrained(where, **kwargs)
+        return load_tokenizer(name)
     except Exception as err:  # noqa: BLE001
         raise ValueError(f"a loaded SERAC memory needs the base model's tokenizer and cannot find it for "
                          f"{name!r} ({err}); set memory.tokenizer = tokenizer before apply") from None
-    if tok.pad_token_id is None:
-        tok.pad_token = tok.eos_token
-    return tok
 
 
 # --------------------------------------------------------------------------- routing

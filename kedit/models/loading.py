@@ -215,10 +215,24 @@ def load_model(
             f".gguf file, and the Hugging Face hub cannot provide it ({reason or str(err).splitlines()[0]})"
         ) from None
     model = _auto_class(config).from_pretrained(where, dtype=_dtype(dtype), **kwargs)
-    tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer = _tokenizer(where, kwargs)
     model.config._name_or_path = str(name_or_path)
     if device is not None:
         model.to(device)
     return model.eval(), tokenizer
+
+
+def load_tokenizer(name_or_path: str | os.PathLike) -> object:
+    """The tokenizer :func:`load_model` returns for ``name_or_path`` (a registered model is
+    built to get it; registered models are small)."""
+    build = registry.factory(str(name_or_path))
+    if build is not None:
+        return build()[1]
+    return _tokenizer(*resolve(name_or_path))
+
+
+def _tokenizer(where: str, kwargs: dict) -> object:
+    tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
