@@ -2,6 +2,11 @@
 
 Nothing is downloaded: models are built from configs with random weights, and the
 tokenizer is a byte-level BPE trained in memory on a few sentences.
+
+:data:`MODELS` names them ``tiny-<family>`` for :mod:`kedit.models.registry`: the test suite
+sets ``KEDIT_MODELS=kedit.testing``, so ``kedit.load_model("tiny-llama")`` and the tiny
+training configs work in tests and in the processes they start. kedit itself never imports
+this module.
 """
 
 from __future__ import annotations
@@ -74,18 +79,23 @@ def tiny_config(family: str, vocab_size: int, **overrides):
     raise KeyError(family)
 
 
-def tiny_model(family: str = "llama", seed: int = 0) -> tuple[nn.Module, object]:
-    """(model, tokenizer) of a tiny randomly initialized model of ``family``, in eval mode."""
+def tiny_model(family: str = "llama", seed: int = 0, **overrides) -> tuple[nn.Module, object]:
+    """(model, tokenizer) of a tiny randomly initialized model of ``family``, in eval mode;
+    ``overrides`` go to its config (e.g. ``initializer_range``)."""
     import transformers as tf
 
     tok = tiny_tokenizer()
     config = tiny_config(family, len(tok), pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
-                         bos_token_id=tok.bos_token_id)
+                         bos_token_id=tok.bos_token_id, **overrides)
     torch.manual_seed(seed)
     cls = tf.AutoModelForSeq2SeqLM if family == "t5" else tf.AutoModelForCausalLM
     model = cls.from_config(config, dtype=torch.float32)
     model.config._name_or_path = f"tiny-{family}"
     return model.eval(), tok
+
+
+MODELS = {f"tiny-{family}": functools.partial(tiny_model, family) for family in FAMILIES}
+"""``tiny-<family>`` -> factory of a fresh tiny model (seed 0), for ``$KEDIT_MODELS``."""
 
 
 COUNTRIES = ["France", "Germany", "Italy", "Spain", "Japan", "Egypt", "Peru", "Chile", "Kenya", "Nepal",

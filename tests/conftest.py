@@ -11,7 +11,17 @@ import torch
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# tiny-<family> models by name, here and in the processes tests start (kedit.models.registry)
+if "kedit.testing" not in os.environ.get("KEDIT_MODELS", "").split(","):
+    os.environ["KEDIT_MODELS"] = ",".join(filter(None, [os.environ.get("KEDIT_MODELS"), "kedit.testing"]))
 
+def pytest_configure(config):
+    """The stub counterfactual model SERAC uses on tiny models, by name (tests/contract_settings.py)."""
+    from contract_settings import STUB_COUNTERFACTUAL, induction_copy_model
+
+    from kedit.models import register
+
+    register(STUB_COUNTERFACTUAL, induction_copy_model)
 
 
 def _dev_data() -> Path | None:

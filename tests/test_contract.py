@@ -2,22 +2,22 @@
 
 Parametrized over every name in ``kedit.editors.EDITORS`` (an editor added to the registry
 is tested automatically) and over tiny ``gpt2`` (Conv1D weights), ``llama`` and ``gpt_neox``
-models from :func:`kedit.testing.tiny_model`.
+models from :func:`kedit.testing.tiny_model`, plus ROME, MEMIT and AlphaEdit with kedit's
+``edit_aware`` variant on ``llama``.
 
-Hook for editors: a class may define an optional classmethod
-
-    @classmethod
-    def for_contract_tests(cls, model, tokenizer) -> Editor: ...
-
-returning an instance configured for tiny models (few steps, a larger learning rate, an
-untrained-but-working hypernetwork, a SERAC with its setup done, ...). Without it the suite
-uses ``cls()`` with default hyperparameters. The hook must not change ``model``.
+Settings: ``tests/contract_settings.py`` (:func:`paper_editor`: the papers' algorithms scaled
+for tiny models; an editor it does not name runs with ``cls()``'s defaults). The tiny models
+are initialized with a larger weight scale (``initializer_range=0.2``): at the default 0.02 a
+3-block model's logits stay within about ±0.6, so no edit could make a target likely. The
+prompts end with the subject, so the subject's last token is where the prediction is read:
+a random model has no attention head that carries the subject forward, as trained ones do.
 
 An editor whose module does not exist yet is skipped (only when the ImportError is for that
 very module; any other import error fails).
 
 Checks: ``edit()`` is pure (state dict bit-exact; ``requires_grad`` flags, ``.grad``,
-train/eval mode and forward hooks unchanged); applying raises the target probability;
+train/eval mode and forward hooks unchanged); applying raises log P(target_new) of every
+request, by at least ``MIN_GAIN`` nats on average;
 ``restore`` is bit-exact; ``applied()`` restores also on an exception; applying twice raises
 :class:`EditStateError`; save/load round-trips (same post-edit logits); a weight edit refuses
 a different model (:class:`EditMismatchError`); a 3-edit sequential :class:`EditStack`
@@ -43,16 +43,26 @@ from kedit.identity import weights_digest
 from kedit.models import arch_of
 from kedit.testing import tiny_model
 from conftest import assert_state_equal
+from contract_settings import CONTRACT, PAPER, contract_editor, paper_editor
 
 FAMILIES = ["gpt2", "llama", "gpt_neox"]
+INIT = 0.2
+"""Weight scale of the tiny models (see the module docstring)."""
+MIN_GAIN = 0.25
+"""Least mean rise of log P(target_new) (nats) an edit of ``REQUESTS`` must bring."""
 
 REQUESTS = [
-    {"prompt": "The capital of France is", "subject": "France", "target_new": "Rome", "target_true": "Paris"},
-    {"prompt": "Michael Jordan plays", "subject": "Michael Jordan", "target_new": "soccer",
-     "target_true": "basketball"},
-    {"prompt": "The Eiffel Tower is located in", "subject": "The Eiffel Tower", "target_new": "Berlin",
-     "target_true": "Paris"},
+    {"prompt": "The capital city of France", "subject": "France", "target_new": "is Rome",
+     "target_true": "is Paris"},
+    {"prompt": "The sport of Michael Jordan", "subject": "Michael Jordan", "target_new": "is soccer",
+     "target_true": "is basketball"},
+    {"prompt": "The city of the Eiffel Tower", "subject": "the Eiffel Tower", "target_new": "is Berlin",
+     "target_true": "is Paris"},
 ]
+
+
+def tiny(family: str, seed: int = 0):
+    return tiny_model(family, seed, initializer_range=INIT)
 
 
 def load_editor_class(name: str):
@@ -66,10 +76,15 @@ def load_editor_class(name: str):
     return editor_class(name)
 
 
-def make_editor(name: str, model, tok):
+def make_editor(name: str, variant: str, model, tok):
     cls = load_editor_class(name)
-    hook = getattr(cls, "for_contract_tests", None)
-    return hook(model, tok) if hook is not None else cls()
+    if variant == "edit_aware":
+        return contract_editor(name, model, tok)
+    return paper_editor(name, model, tok) if name in PAPER else cls()
+
+
+CASES = [(e, "paper", f) for e in sorted(EDITORS) for f in FAMILIES] + [
+    (e, "edit_aware", "llama") for e in sorted(CONTRACT)]
 
 
 def target_logprob(model, tok, requests=REQUESTS) -> torch.Tensor:
@@ -108,12 +123,12 @@ def assert_untouched(model, snap: dict) -> None:
         assert now[key] == snap[key], f"edit() changed the model's {key}"
 
 
-@pytest.fixture(scope="module", params=[(e, f) for e in sorted(EDITORS) for f in FAMILIES],
-                ids=lambda p: f"{p[0]}-{p[1]}")
+@pytest.fixture(scope="module", params=CASES,
+                ids=lambda p: f"{p[0]}-{p[2]}" + ("" if p[1] == "paper" else f"-{p[1]}"))
 def case(request):
     """One editor on one tiny model: the batch edit is computed once, with the purity evidence."""
-    name, family = request.param
-    model, tok = tiny_model(family)
+    name, variant, family = request.param
+    model, tok = tiny(family)
     # a mix of trainable flags, so an editor that resets them is caught
     model.get_input_embeddings().weight.requires_grad_(False)
     first = encode(tok, [r["prompt"] for r in REQUESTS], [r["target_new"] for r in REQUESTS])
@@ -122,7 +137,7 @@ def case(request):
     rows = torch.arange(len(REQUESTS))
     top = out[rows, first["prompt_len"] - 1].argmax(-1)
     assert (top != first["labels"][rows, first["prompt_len"]]).all(), "the tiny model already predicts a target"
-    editor = make_editor(name, model, tok)
+    editor = make_editor(name, variant, model, tok)
     snap = snapshot(model)
     lp0 = target_logprob(model, tok)
     edit = editor.edit(model, tok, REQUESTS)
@@ -149,7 +164,8 @@ def test_apply_raises_target_and_restores_exactly(case):
         lp1 = target_logprob(model, case.tok)
     assert not case.edit.is_applied
     assert_untouched(model, case.snap)
-    assert lp1.mean() > case.lp0.mean(), f"mean log P(target) {case.lp0.tolist()} -> {lp1.tolist()}"
+    assert (lp1 > case.lp0).all() and (lp1 - case.lp0).mean() > MIN_GAIN, \
+        f"log P(target) {case.lp0.tolist()} -> {lp1.tolist()}"
 
 
 def test_applied_restores_on_exception(case):
@@ -184,7 +200,7 @@ def test_save_load_round_trip(case, tmp_path):
 def test_weight_edit_refuses_other_model(case, tmp_path):
     if not isinstance(case.edit, WeightDelta):
         pytest.skip(f"{case.name} makes a {type(case.edit).__name__}, not a weight edit")
-    other, _ = tiny_model(case.family, seed=1)
+    other, _ = tiny(case.family, seed=1)
     path = case.edit.save(tmp_path / "edit.safetensors")
     with pytest.raises(EditMismatchError):
         Edit.load(path, model=other)

@@ -16,12 +16,25 @@ def tiny_folder(tmp_path):
     return str(tmp_path)
 
 
+def table(out: str) -> tuple[list[str], list[list[str]]]:
+    """(header cells, row cells) of the demo's answer table in its printed output."""
+    lines = out.splitlines()
+    at = next(i for i, line in enumerate(lines) if [c.strip() for c in line.split("|")[1:2]] == ["prompt"])
+    cells = [[c.strip() for c in line.split("|")] for line in lines[at + 2:] if "|" in line]
+    return [c.strip() for c in lines[at].split("|")], cells
+
+
 def test_demo_answers_only(tiny_folder, capsys):
+    """``--editor none``: one row per prompt with the model's own greedy answer, and no edited columns."""
+    from kedit.models import load_model
+
     assert demo.main(["--model", tiny_folder, "--editor", "none", "--max-new-tokens", "2"]) == 0
-    out = capsys.readouterr().out
-    assert "| prompt" in out and "| answer" in out and "| edited" not in out
-    for prompt in [demo.EDIT_PROMPT, *demo.PARAPHRASES, *demo.NEIGHBOURS]:
-        assert prompt in out
+    header, rows = table(capsys.readouterr().out)
+    assert header == ["", "prompt", "answer"]
+    prompts = [demo.EDIT_PROMPT, *demo.PARAPHRASES, *demo.NEIGHBOURS]
+    assert [r[1] for r in rows] == prompts
+    model, tok = load_model(tiny_folder)
+    assert [r[2] for r in rows] == demo.answer(model, tok, prompts, 2)
 
 
 def test_demo_edit_applied_then_restored(tiny_folder, capsys, monkeypatch):
@@ -66,7 +79,9 @@ def test_unavailable_editor(tiny_folder, capsys, monkeypatch):
     monkeypatch.setattr(demo, "make_edit", missing)
     demo.main(["--model", tiny_folder, "--editor", "nope", "--max-new-tokens", "1"])
     out = capsys.readouterr().out
-    assert "editor 'nope' is not available" in out and "| edited" not in out
+    assert "editor 'nope' is not available" in out
+    header, rows = table(out)
+    assert header == ["", "prompt", "answer"] and len(rows) == 1 + len(demo.PARAPHRASES) + len(demo.NEIGHBOURS)
 
 
 def test_format_table():

@@ -31,6 +31,8 @@ from kedit.editors.mend import MEND, MENDHparams, MENDNet, edited_weights
 from kedit.models.arch import arch_of
 from kedit.testing import tiny_model
 
+from contract_settings import paper_editor
+
 REQ = {"prompt": "The capital of France is", "subject": "France", "target_new": "Rome"}
 CHECKPOINTS = Path(__file__).resolve().parents[1] / "checkpoints"
 
@@ -365,9 +367,8 @@ def test_request_longer_than_context_is_refused_before_compute(monkeypatch):
 
 
 def trained_serac(tmp_path, model) -> Path:
-    from kedit.editors.serac import SERAC
 
-    editor = SERAC.for_contract_tests(model, None)
+    editor = paper_editor("serac", model)
     return editor.save_artifact(tmp_path / "serac.safetensors", base=base_model_identity(model))
 
 
@@ -384,12 +385,11 @@ def test_serac_loaded_without_model_refuses_another_base_at_edit(tmp_path):
 
 
 def test_serac_memory_refuses_to_route_another_base_through_a_trained_editor(tmp_path):
-    from kedit.editors.serac import SERAC
 
     model, tok = tiny_model("llama")
     trained = kedit.load_editor(trained_serac(tmp_path, model))
     other, _ = tiny_model("llama", seed=1)
-    memory = SERAC.for_contract_tests(other, tok).edit(other, tok, REQ)
+    memory = paper_editor("serac", other, tok).edit(other, tok, REQ)
     memory.editor = trained  # a memory answered by an editor trained for another base
     with pytest.raises(BaseModelMismatch):
         memory.apply(other)

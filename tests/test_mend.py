@@ -21,6 +21,8 @@ from kedit.data.encode import encode, model_inputs, target_logprobs
 from kedit.editors.mend import MEND, MENDHparams, MENDNet, RunningNorm, edited_weights, gradient_inputs
 from kedit.testing import tiny_model
 
+from contract_settings import paper_editor
+
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = ROOT / "checkpoints" / "mend-smollm2-135m-counterfact.safetensors"
 REQ = {"prompt": "The capital of France is", "target_new": "Rome", "subject": "France"}
@@ -63,7 +65,7 @@ def test_identity_init_is_a_gradient_step():
 def test_one_shot_edit_pure_and_effective(family):
     model, tok = tiny_model(family)
     state = {k: v.clone() for k, v in model.state_dict().items()}
-    editor = MEND.for_contract_tests(model, tok)
+    editor = paper_editor("mend", model, tok)
     p0 = logp(model, tok, REQ, family == "t5")
     edit = editor.edit(model, tok, REQ)
     assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())  # edit() is pure
@@ -265,13 +267,14 @@ def test_ddp_two_processes_equal_one_process_double_batch(tmp_path):
     two = _cli(_ddp_args(tmp_path, "two.safetensors", 2, 2, "ddp"))
     assert two.returncode == 0, two.stderr[-3000:]
     a, b = _hypernet(tmp_path / "one.safetensors"), _hypernet(tmp_path / "two.safetensors")
-    init = MENDNet(MENDHparams(num_last_layers=2, rank=8, edit_lr=0.1), {}).state_dict()
     assert a.keys() == b.keys()
     moved = 0
     for k in a:
         assert torch.allclose(a[k].double(), b[k].double(), atol=1e-5, rtol=1e-4), k
         moved += int("alpha" in k and not torch.isclose(a[k], torch.tensor(0.1)))
-    assert moved > 0 and init is not None  # the update is not trivially zero
+    assert moved > 0  # the learned step sizes left their initial edit_lr = 0.1
+    ups = [k for k in a if k.endswith("up.weight")]
+    assert ups and any(a[k].abs().sum() > 0 for k in ups)  # the zero-initialized up-projections learned
 
 
 @pytest.mark.slow

@@ -345,3 +345,34 @@ def test_gemma3_270m_loads_and_answers():
     # the 270M base model: plain cloze prompts; "The capital of France is" gets " the capital of ..."
     assert _greedy(model, tok, "Paris is the capital of", n=3).startswith(" France")
     assert _greedy(model, tok, "The Eiffel Tower is located in the city of", n=3).startswith(" Paris")
+
+
+# --------------------------------------------------------------------------- models registered in code
+
+
+@pytest.fixture
+def registry(monkeypatch):
+    """kedit.models.registry with an empty table and no $KEDIT_MODELS (restored afterwards)."""
+    from kedit.models import registry
+
+    monkeypatch.setattr(registry, "_FACTORIES", {})
+    monkeypatch.delenv(registry.ENV, raising=False)
+    return registry
+
+
+def test_registered_model_loads_by_name_in_the_asked_dtype(registry):
+    registry.register("my-tiny", lambda: tiny_model("gpt2"))
+    model, tok = load_model("my-tiny", dtype="bfloat16")
+    assert model.config._name_or_path == "my-tiny" and model.dtype == torch.bfloat16 and not model.training
+    assert tok is tiny_model("gpt2")[1]
+    assert registry.registered() == ["my-tiny"]
+
+
+def test_kedit_models_names_modules_imported_on_the_first_miss(registry, monkeypatch):
+    assert registry.factory("tiny-llama") is None
+    monkeypatch.setenv(registry.ENV, "kedit.testing")
+    assert registry.factory("tiny-llama") is not None
+    assert set(registry.registered()) == {f"tiny-{f}" for f in FAMILIES}
+    monkeypatch.setenv(registry.ENV, "kedit.no_such_module")
+    with pytest.raises(ImportError, match=r"\$KEDIT_MODELS names the module 'kedit.no_such_module'"):
+        registry.factory("unknown")

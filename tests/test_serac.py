@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -10,9 +11,10 @@ import torch
 
 from kedit.data.encode import encode, target_logprobs
 from kedit.editors.base import Edit, EditStack, EditStateError
-from kedit.editors.serac import ROUTER_ATTR, SERAC, HashedNgrams, SERACHparams, induction_copy
+from kedit.editors.serac import ROUTER_ATTR, SERAC, HashedNgrams, SERACHparams
 
 from conftest import assert_state_equal
+from contract_settings import InductionCopyLM, paper_editor
 
 REQS = [
     {"prompt": "The capital of France is", "target_new": "Rome", "subject": "France"},
@@ -37,7 +39,7 @@ def test_memory_edit_contract_and_routing(tiny, family):
     prompts = [r["prompt"] for r in REQS] + UNRELATED[:1]
     targets = [r["target_new"] for r in REQS] + ["guitar"]
     before, b = _forward(model, tok, prompts, targets)
-    editor = SERAC.for_contract_tests(model, tok)
+    editor = paper_editor("serac", model, tok)
     edit = editor.edit(model, tok, REQS)
     assert_state_equal(model, state)  # edit() is pure
     assert set(model.__dict__) == keys
@@ -61,7 +63,7 @@ def test_generate_routes_in_scope_rows_only(tiny):
     tok.padding_side = "left"
     batch = tok([REQS[0]["prompt"], UNRELATED[0]], return_tensors="pt", padding=True)
     base = model.generate(**batch, max_new_tokens=4, do_sample=False)
-    edit = SERAC.for_contract_tests(model, tok).edit(model, tok, REQS[:1])
+    edit = paper_editor("serac", model, tok).edit(model, tok, REQS[:1])
     with edit.applied(model):
         routed = model.generate(**batch, max_new_tokens=4, do_sample=False)
     tok.padding_side = "right"
@@ -73,7 +75,7 @@ def test_generate_routes_in_scope_rows_only(tiny):
 
 def test_sequential_memories_extend_and_restore_in_reverse(tiny):
     model, tok = tiny("llama")
-    editor = SERAC.for_contract_tests(model, tok)
+    editor = paper_editor("serac", model, tok)
     first, second = editor.edit(model, tok, REQS[:1]), editor.edit(model, tok, REQS[1:])
     stack = EditStack([first])
     prompts, targets = [r["prompt"] for r in REQS], [r["target_new"] for r in REQS]
@@ -93,7 +95,7 @@ def test_sequential_memories_extend_and_restore_in_reverse(tiny):
 
 def test_save_load_roundtrip(tiny, tmp_path):
     model, tok = tiny("llama")
-    edit = SERAC.for_contract_tests(model, tok).edit(model, tok, REQS)
+    edit = paper_editor("serac", model, tok).edit(model, tok, REQS)
     with edit.applied(model):
         want, _ = _forward(model, tok, [REQS[0]["prompt"]], [REQS[0]["target_new"]])
     loaded = Edit.load(edit.save(tmp_path / "memory.safetensors"), model)
@@ -107,14 +109,27 @@ def test_cached_forward_is_refused_not_misrouted(tiny):
     model, tok = tiny("llama")
     ids = tok([REQS[0]["prompt"]], return_tensors="pt")["input_ids"]
     out = model(input_ids=ids, use_cache=True)
-    with SERAC.for_contract_tests(model, tok).edit(model, tok, REQS).applied(model):
+    with paper_editor("serac", model, tok).edit(model, tok, REQS).applied(model):
         with pytest.raises(NotImplementedError, match="cached"):
             model(input_ids=ids[:, -1:], past_key_values=out.past_key_values)
 
 
-def test_induction_copy():
+def test_stub_counterfactual_copies_the_descriptor():
     seq = [5, 6, 7, 9, 0, 5, 6, 7]  # descriptor [5 6 7 9], separator 0, input [5 6 7]
-    assert induction_copy(seq, 0, 4, [7]) == {7: 9}
+    assert InductionCopyLM.copies(seq)[7] == 9
+
+
+def test_loaded_memories_share_one_editor_per_model_and_rebuild_it_from_the_reference(tiny, tmp_path):
+    """A loaded memory has no editor object; applying it on a model where a memory of the same
+    editor is routed reuses that editor, and on a fresh model rebuilds it from its hparams."""
+    model, tok = tiny("llama")
+    editor = paper_editor("serac", model, tok)
+    first, second = (Edit.load(editor.edit(model, tok, [r]).save(tmp_path / f"m{i}.safetensors"), model)
+                     for i, r in enumerate(REQS))
+    assert first.editor is None and second.editor is None
+    with EditStack([first, second]).applied(model):
+        assert first.editor is second.editor and first.editor is not editor
+        assert first.editor.hparams == editor.hparams
 
 
 def test_different_tokenizer_scores_text_spans(tiny):
@@ -196,22 +211,34 @@ def test_lightning_fast_dev_run_export_and_load(tmp_path, monkeypatch):
 
 
 def test_cross_encoder_classifier_trains():
-    """The cross-encoder variant: one optimization step lowers nothing to NaN and scores pairs."""
+    """The cross-encoder variant: a few optimizer steps on one batch change the trained layers
+    and lower the classifier loss; the classifier scores pairs."""
     from kedit.lightning.serac import SERACModule, SERACTraining
 
     module = SERACModule(SERACHparams(classifier="all-minilm-l6-v2", classifier_kind="cross",
                                       classifier_max_length=32, counterfactual="tiny-llama"),
-                         SERACTraining(classifier_train_layers=1, lora_rank=2))
+                         SERACTraining(classifier_train_layers=1, lora_rank=2, lr=1e-3, answer_augment=0.0))
     batch = {"prompt": [r["prompt"] for r in REQS], "target": [r["target_new"] for r in REQS],
              "equiv": ["France's capital city is", "Michael Jordan is a player of"],
              "loc_prompt": UNRELATED, "loc_answer": ["soccer", "Paris"]}
-    loss, stats = module.classifier_loss(batch)
-    loss.backward()
-    assert torch.isfinite(loss)
-    grads = [p.grad for p in module.editor.classifier.parameters() if p.requires_grad]
-    assert grads and all(g is not None for g in grads)
-    logits = module.editor.classifier.scope_logits(["The capital of France is"], ["a", "b", "c"])
-    assert logits.shape == (1, 3)
+    clf = module.editor.classifier
+    trained = {n: p.detach().clone() for n, p in clf.named_parameters() if p.requires_grad}
+    assert trained and any(n.startswith("head.") for n in trained)
+    optimizer = module.configure_optimizers()
+    losses = []
+    for _ in range(5):
+        optimizer.zero_grad()
+        loss, _stats = module.classifier_loss(batch)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert all(math.isfinite(x) for x in losses)
+    assert losses[-1] < losses[0], losses
+    params = dict(clf.named_parameters())
+    assert all(not torch.equal(params[n], before) for n, before in trained.items() if n.startswith("head."))
+    assert any(not torch.equal(params[n], before) for n, before in trained.items() if n.startswith("encoder."))
+    logits = clf.scope_logits(["The capital of France is"], ["a", "b", "c"])
+    assert logits.shape == (1, 3) and torch.isfinite(logits).all()
 
 
 @pytest.mark.real_model

@@ -65,15 +65,6 @@ class AlphaEdit(MEMIT):
         """Σ K_p K_pᵀ per layer over the edits returned so far (float64)."""
         self._owner: tuple | None = None
 
-    @classmethod
-    def for_contract_tests(cls, model: nn.Module, tokenizer) -> AlphaEdit:
-        from kedit.testing import CORPUS
-
-        # tiny models see few tokens: a relative threshold keeps a usable null space
-        return cls(layers=[0], templates=[], kl_factor=0.0, edit_aware=True, prefix_cache=False, corpus=list(CORPUS) * 4, stats_tokens=2_000, stats_seq_len=32,
-                   v_steps=25, v_lr=0.5, v_weight_decay=0.0, clamp_norm_factor=1e4, L2=1.0,
-                   nullspace_threshold=1e-1)
-
     def reset(self) -> None:
         """Forget the keys of previous edits (and the projections)."""
         self.projections.clear()

@@ -215,11 +215,6 @@ class FTL(Editor):
     name = "ft-l"
     Hparams = FTLHparams
 
-    @classmethod
-    def for_contract_tests(cls, model: nn.Module, tokenizer: PreTrainedTokenizerBase) -> FTL:
-        """Few, larger steps, teacher-forced loss: tiny random models have small weights and flat outputs."""
-        return cls(num_steps=5, lr=1e-2, norm_constraint=1e-2 if cls is FTL else None, objective="target")
-
     def edit(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, requests: Requests, history=()) -> WeightDelta:
         hp = self.hparams
         reqs = as_requests(requests)

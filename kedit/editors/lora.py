@@ -134,11 +134,6 @@ class LoRA(Editor):
     name = "lora"
     Hparams = LoRAHparams
 
-    @classmethod
-    def for_contract_tests(cls, model: nn.Module, tokenizer: PreTrainedTokenizerBase) -> LoRA:
-        """Few steps, no dropout (tiny random models)."""
-        return cls(num_steps=5, lr=1e-2, dropout=0.0)
-
     def edit(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, requests: Requests, history=()) -> WeightDelta:
         from peft import LoraConfig
 

@@ -79,14 +79,6 @@ class MEMIT(Editor):
             raise ValueError(f"{self.name}: layers {bad} out of range for a model with {n} layers")
         return layers
 
-    @classmethod
-    def for_contract_tests(cls, model: nn.Module, tokenizer) -> MEMIT:
-        """Small settings for tiny random models: statistics from a few in-memory texts."""
-        from kedit.testing import CORPUS
-
-        return cls(layers=[0], templates=[], kl_factor=0.0, edit_aware=True, prefix_cache=False, corpus=list(CORPUS) * 4, stats_tokens=2_000, stats_seq_len=32,
-                   v_steps=25, v_weight_decay=0.0, clamp_norm_factor=1e4, mom2_update_weight=100.0)
-
     # ------------------------------------------------------------------ statistics
 
     def second_moments(self, model: nn.Module, tokenizer, layers: list[int]) -> dict[int, Tensor]:

@@ -299,14 +299,6 @@ class MEND(Editor):
         return self.net
 
     @classmethod
-    def for_contract_tests(cls, model: nn.Module, tokenizer: PreTrainedTokenizerBase) -> MEND:
-        """An untrained MEND (identity hypernetwork, no statistics): a plain gradient step of size
-        ``edit_lr`` on the last blocks' MLP weights, large enough to move a tiny model."""
-        editor = cls(edit_lr=1.0, rank=8)
-        editor.build(model)
-        return editor
-
-    @classmethod
     def from_artifact(cls, path: str | Path) -> MEND:
         """A trained MEND from an editor artifact (see :mod:`kedit.checkpoint`)."""
         from kedit.checkpoint import META_KEY, load_editor_artifact

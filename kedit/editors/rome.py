@@ -82,14 +82,6 @@ class ROME(Editor):
             raise ValueError(f"ROME layer {layers[0]} out of range for a model with {n} layers")
         return layers[0]
 
-    @classmethod
-    def for_contract_tests(cls, model: nn.Module, tokenizer) -> ROME:
-        """Small settings for tiny random models: statistics from a few in-memory texts."""
-        from kedit.testing import CORPUS
-
-        return cls(layers=[0], templates=[], kl_factor=0.0, edit_aware=True, prefix_cache=False, corpus=list(CORPUS) * 4, stats_tokens=2_000, stats_seq_len=32,
-                   v_steps=25, v_lr=0.5, v_weight_decay=0.0, clamp_norm_factor=1e4)
-
     # ------------------------------------------------------------------ statistics
 
     def cov_factor(self, model: nn.Module, tokenizer, layer: int) -> Tensor:

@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import logging
 import math
-import uuid
 import weakref
 import zlib
 from collections.abc import Sequence
@@ -95,8 +94,6 @@ class SERACHparams:
     """Edit descriptor z_e from a request; fields: prompt, target, subject ('{prompt} >> {target}' for zsRE)."""
     cf_template: str = "{descriptor}\n{input}"
     """Counterfactual model input; must end with '{input}' (the input's tokens follow the descriptor's)."""
-    copy_bias: float = 0.0
-    """Logit bonus for the token an induction copy (longest suffix match in the descriptor) predicts; 0 = off. For untrained counterfactual models (tests) only."""
     batch_size: int = 256
     """Scope-scoring batch size (queries, and pairs for the cross-encoder)."""
     trained: bool = False
@@ -237,35 +234,9 @@ def descriptor_of(hp: SERACHparams, prompt: str, target: str, subject: str | Non
     return hp.descriptor_template.format(prompt=prompt, target=target, subject=subject or "")
 
 
-def induction_copy(seq: Sequence[int], start: int, end: int, positions: Sequence[int]) -> dict[int, int]:
-    """For each position p, the token an induction head copies: find the longest suffix of
-    ``seq[:p + 1]`` that occurs inside ``seq[start:end]`` (the descriptor) and return the
-    token that follows that occurrence there."""
-    out: dict[int, int] = {}
-    for p in positions:
-        best, best_k = None, 0
-        for j in range(start, min(end - 1, p)):  # occurrence ending at j, followed by seq[j + 1]
-            k = 0
-            while j - k >= start and seq[j - k] == seq[p - k]:
-                k += 1
-            if k > best_k:
-                best, best_k = seq[j + 1], k
-        if best is not None:
-            out[p] = best
-    return out
-
-
-_SAME_VOCAB: dict[tuple[int, int], tuple[object, object, bool]] = {}
-
-
 def same_vocab(a: PreTrainedTokenizerBase, b: PreTrainedTokenizerBase) -> bool:
-    """Whether two tokenizers map text to the same ids (cached per pair: vocabularies are big)."""
-    if a is b:
-        return True
-    key = (id(a), id(b))
-    if key not in _SAME_VOCAB:  # the entry keeps both alive, so their ids cannot be reused
-        _SAME_VOCAB[key] = (a, b, len(a) == len(b) and a.get_vocab() == b.get_vocab())
-    return _SAME_VOCAB[key][2]
+    """Whether two tokenizers map text to the same ids."""
+    return a is b or (len(a) == len(b) and a.get_vocab() == b.get_vocab())
 
 
 def causal_lm_loss(logits: Tensor, labels: Tensor) -> Tensor:
@@ -288,8 +259,11 @@ class SERACMemory(Edit):
     """(n, d) cached scope-classifier embeddings of ``descriptors`` (embedding classifier)."""
     base: dict[str, str] = field(default_factory=dict)
     editor_ref: dict[str, Any] = field(default_factory=dict)
-    """How to find the editor again after loading: its uid, artifact path and hparams."""
+    """How to rebuild the editor after loading: its artifact path and hparams."""
     editor: SERAC | None = field(default=None, repr=False)
+    """The editor that answers for this memory. A loaded memory has none until ``apply``: then
+    it takes the editor of a memory already routed on the model with the same ``editor_ref``,
+    else :meth:`SERAC.from_ref` (set it yourself for an editor trained but never saved)."""
     tokenizer: PreTrainedTokenizerBase | None = field(default=None, repr=False)
     """The base model's tokenizer (to read routed inputs as text)."""
     kind: ClassVar[str] = "serac_memory"
@@ -312,22 +286,19 @@ class SERACMemory(Edit):
                 f"{self.base.get('hash', '')[:12]}…) but the model given is {got['name']!r} "
                 f"(hash {got['hash'][:12]}…); apply it to the model it was made on")
 
-    def resolve_editor(self) -> SERAC:
-        if self.editor is None:
-            self.editor = SERAC.find(self.editor_ref)
-        return self.editor
-
     def apply(self, model: nn.Module, check: bool = True) -> None:
         if self._router is not None:
             raise EditStateError("SERAC memory is already applied; restore it first")
-        editor = self.resolve_editor()
         if check:
             self.check_base(model)
+        router = model.__dict__.get(ROUTER_ATTR)
+        editor = self.editor or (router and router.editor_for(self.editor_ref)) or SERAC.from_ref(self.editor_ref)
+        if check:
             editor.check_base(model)  # a trained SERAC only answers for its own base model
         if self.tokenizer is None:  # a loaded memory: the editor's last base tokenizer, else the model's
             self.tokenizer = editor.base_tokenizer or _tokenizer_for(model)
         editor.prepare(model, self.tokenizer)
-        router = model.__dict__.get(ROUTER_ATTR)
+        self.editor = editor
         if router is None:
             router = Router(model)
         router.push(self)
@@ -380,20 +351,14 @@ def _cheap_identity(model: nn.Module) -> dict[str, str]:
 
 def _tokenizer_for(model: nn.Module) -> PreTrainedTokenizerBase:
     """The tokenizer of a loaded edit's model, from where ``load_model`` reads it."""
-    from transformers import AutoTokenizer
-
-    from kedit.models.loading import resolve
+    from kedit.models.loading import load_tokenizer
 
     name = getattr(model.config, "_name_or_path", "")
     try:
-        where, kwargs = resolve(name)
-        tok = AutoTokenizer.from_pretrained(where, **kwargs)
+        return load_tokenizer(name)
     except Exception as err:  # noqa: BLE001
         raise ValueError(f"a loaded SERAC memory needs the base model's tokenizer and cannot find it for "
                          f"{name!r} ({err}); set memory.tokenizer = tokenizer before apply") from None
-    if tok.pad_token_id is None:
-        tok.pad_token = tok.eos_token
-    return tok
 
 
 # --------------------------------------------------------------------------- routing
@@ -443,6 +408,10 @@ class Router:
         self.memories.append(memory)
         self._cache.clear()
 
+    def editor_for(self, ref: dict[str, Any]) -> SERAC | None:
+        """The editor of a routed memory made by an editor with this reference (shared, not rebuilt)."""
+        return next((m.editor for m in self.memories if m.editor_ref == ref), None)
+
     def pop(self, memory: SERACMemory) -> None:
         if not self.memories or self.memories[-1] is not memory:
             raise EditStateError("SERAC memories must be restored in reverse order of apply")
@@ -457,7 +426,7 @@ class Router:
         """Per editor: (memory, index) of each stored edit, cached embeddings, descriptors."""
         if not self._cache:
             for mem in self.memories:
-                ed = mem.resolve_editor()
+                ed = mem.editor
                 entries, emb, desc = self._cache.get(id(ed), ([], [], []))
                 entries += [(mem, i) for i in range(len(mem))]
                 desc += mem.descriptors
@@ -473,7 +442,7 @@ class Router:
         best: list[tuple[SERACMemory, int, float] | None] = [None] * len(texts)
         best_p = [0.0] * len(texts)
         for entries, emb, desc in self._groups().values():
-            ed = entries[0][0].resolve_editor()
+            ed = entries[0][0].editor
             probs = torch.sigmoid(ed.classifier.scope_logits(list(texts), desc, emb, ed.hparams.batch_size))
             # later edits win ties: take the argmax over the reversed memory
             p, j = probs.flip(-1).max(-1)
@@ -577,7 +546,7 @@ def _by_editor(choice: list[tuple[SERACMemory, int, float] | None]) -> dict[SERA
     for b, c in enumerate(choice):
         if c is not None:
             mem, i, _ = c
-            groups.setdefault(mem.resolve_editor(), []).append((b, mem.descriptors[i]))
+            groups.setdefault(mem.editor, []).append((b, mem.descriptors[i]))
     return groups
 
 
@@ -602,9 +571,6 @@ def _cache_len(past: Any) -> int:
 # --------------------------------------------------------------------------- the editor
 
 
-_LIVE: weakref.WeakValueDictionary[str, SERAC] = weakref.WeakValueDictionary()
-
-
 class SERAC(Editor):
     """Memory-based editing: scope classifier + counterfactual model (Mitchell et al., 2022)."""
 
@@ -613,7 +579,6 @@ class SERAC(Editor):
 
     def __init__(self, hparams: SERACHparams | None = None, **overrides: Any) -> None:
         super().__init__(hparams, **overrides)
-        self.uid = uuid.uuid4().hex
         self.artifact: str | None = None
         self.classifier: ScopeClassifier | None = None
         self.cf_model: nn.Module | None = None
@@ -621,7 +586,7 @@ class SERAC(Editor):
         self.base_tokenizer: PreTrainedTokenizerBase | None = None
         self.cf_delta: dict[str, tuple[Tensor, Tensor]] = {}
         """Low-rank update of the counterfactual LM (trained), merged into ``cf_model``."""
-        _LIVE[self.uid] = self
+        self._same_vocab: weakref.WeakKeyDictionary[PreTrainedTokenizerBase, bool] = weakref.WeakKeyDictionary()
 
     # ----------------------------------------------------------------- components
 
@@ -635,15 +600,9 @@ class SERAC(Editor):
         """The counterfactual LM (None for 'base': the edited model itself is used)."""
         if self.hparams.counterfactual == BASE or self.cf_model is not None:
             return
-        name = self.hparams.counterfactual
-        if name.startswith("tiny-"):  # random tiny test models (kedit.testing)
-            from kedit.testing import tiny_model
+        from kedit.models import load_model
 
-            self.cf_model, self.cf_tokenizer = tiny_model(name[len("tiny-"):])
-        else:
-            from kedit.models import load_model
-
-            self.cf_model, self.cf_tokenizer = load_model(name)
+        self.cf_model, self.cf_tokenizer = load_model(self.hparams.counterfactual)
         self.cf_model.requires_grad_(False)
 
     def prepare(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase) -> None:
@@ -679,43 +638,31 @@ class SERAC(Editor):
                            tokenizer=tokenizer)
 
     def ref(self) -> dict[str, Any]:
-        return {"uid": self.uid, "artifact": self.artifact, "hparams": asdict(self.hparams)}
+        """What a saved memory records to rebuild this editor: its artifact path and hparams."""
+        return {"artifact": self.artifact, "hparams": asdict(self.hparams)}
 
     @classmethod
-    def find(cls, ref: dict[str, Any]) -> SERAC:
-        """The editor a loaded memory was made with: live in this process, its artifact, or
-        rebuilt from its hparams when nothing was trained."""
-        live = _LIVE.get(ref.get("uid", ""))
-        if live is not None:
-            return live
-        for ed in list(_LIVE.values()):  # an editor loaded from the same artifact
-            if ref.get("artifact") and ed.artifact == ref.get("artifact"):
-                return ed
+    def from_ref(cls, ref: dict[str, Any]) -> SERAC:
+        """The editor a loaded memory was made with: loaded from its artifact, or rebuilt from
+        its hparams when nothing was trained."""
         if ref.get("artifact") and Path(ref["artifact"]).exists():
             return cls.from_artifact(ref["artifact"])
-        hp = SERACHparams(**ref.get("hparams", {}))
-        if hp.trained:
+        hp = dict(ref.get("hparams", {}))
+        if hp.pop("copy_bias", 0.0):  # memories saved before the test-only copy path was removed
+            raise ValueError("this SERAC memory was made with copy_bias (a test-only counterfactual stand-in "
+                             "kedit no longer has); set memory.editor = editor before apply")
+        editor = cls(SERACHparams(**hp))
+        if editor.hparams.trained:
             raise ValueError(f"this SERAC memory was made with a trained editor whose artifact "
                              f"{ref.get('artifact')!r} is not available; load it with kedit.load_editor(path) "
                              "and set memory.editor = editor")
-        ed = cls(hp)
-        ed.uid = ref.get("uid", ed.uid)
-        _LIVE[ed.uid] = ed
-        return ed
+        return editor
 
-    @classmethod
-    def for_contract_tests(cls, model: nn.Module, tokenizer: PreTrainedTokenizerBase) -> SERAC:
-        """A SERAC that works on tiny random models without downloads or training.
-
-        Classifier: untrained hashed character 3-grams (cosine; an exact or near-verbatim
-        input is in scope, unrelated text is not). Counterfactual model: the edited model
-        itself conditioned on the descriptor, plus an induction-copy bias: the token that
-        follows the longest suffix match inside the descriptor gets +8 logits. A random
-        tiny LM cannot read its context, so this explicit copy mechanism is what makes the
-        target likely; it is the honest, documented stand-in for a trained counterfactual
-        model (real use: ``copy_bias=0`` and a trained model, see configs/serac/).
-        """
-        return cls(classifier=NGRAM, counterfactual=BASE, copy_bias=8.0)
+    def same_vocab(self, tokenizer: PreTrainedTokenizerBase) -> bool:
+        """Whether the counterfactual model reads ``tokenizer``'s ids (compared once per tokenizer)."""
+        if tokenizer not in self._same_vocab:
+            self._same_vocab[tokenizer] = same_vocab(self.cf_tokenizer, tokenizer)
+        return self._same_vocab[tokenizer]
 
     # ----------------------------------------------------------------- counterfactual model
 
@@ -737,18 +684,12 @@ class SERAC(Editor):
             return ids[1:], True
         return ids, False
 
-    def _copy(self, logits: Tensor, seq: list[int], start: int, end: int, positions: list[int]) -> Tensor:
-        if self.hparams.copy_bias:
-            for p, t in induction_copy(seq, start, end, positions).items():
-                logits[p, t] += self.hparams.copy_bias
-        return logits
-
     @torch.no_grad()
     def counterfactual_logits(self, router: Router, descriptor: str, row: list[int],
                               tok: PreTrainedTokenizerBase) -> Tensor:
         """(len(row), V_base) logits of h(z_e, x) aligned with the base row's tokens."""
         assert self.cf_tokenizer is not None
-        if not same_vocab(self.cf_tokenizer, tok):
+        if not self.same_vocab(tok):
             return self._text_level_logits(router, descriptor, row, tok)
         prefix = self._prefix_ids(descriptor)
         body, had_bos = self._strip_bos(row, tok)
@@ -757,37 +698,30 @@ class SERAC(Editor):
         ids = torch.tensor([seq], device=device)
         logits = self._cf_call(router, ids, torch.ones_like(ids))[0].float()
         first = len(prefix) - 1 if had_bos else len(prefix)
-        positions = list(range(first, len(seq)))
-        logits = self._copy(logits, seq, 1 if prefix[:1] == [tok.bos_token_id] else 0, len(prefix), positions)
-        return logits[positions]
+        return logits[first:]
 
     @torch.no_grad()
     def counterfactual_logits_batch(self, router: Router, descriptors: list[str], rows: list[list[int]],
                                     tok: PreTrainedTokenizerBase) -> list[Tensor]:
         """:meth:`counterfactual_logits` for several rows, in right-padded batches."""
-        if not same_vocab(self.cf_tokenizer, tok) or len(rows) == 1:
+        if not self.same_vocab(tok) or len(rows) == 1:
             return [self.counterfactual_logits(router, d, r, tok) for d, r in zip(descriptors, rows)]
         out: list[Tensor] = []
         device = self._cf_device(router)
         pad = self.cf_tokenizer.pad_token_id if self.cf_tokenizer.pad_token_id is not None else 0
         bs = max(1, min(self.hparams.batch_size, 32))
         for k in range(0, len(rows), bs):
-            seqs, spans = [], []
+            seqs, firsts = [], []
             for d, r in zip(descriptors[k:k + bs], rows[k:k + bs]):
                 prefix = self._prefix_ids(d)
                 body, had_bos = self._strip_bos(r, tok)
                 seqs.append(prefix + body)
-                first = len(prefix) - 1 if had_bos else len(prefix)
-                spans.append((first, len(prefix)))
+                firsts.append(len(prefix) - 1 if had_bos else len(prefix))
             n = max(len(q) for q in seqs)
             ids = torch.tensor([q + [pad] * (n - len(q)) for q in seqs], device=device)
             att = torch.tensor([[1] * len(q) + [0] * (n - len(q)) for q in seqs], device=device)
             logits = self._cf_call(router, ids, att).float()
-            for j, (seq, (first, plen)) in enumerate(zip(seqs, spans)):
-                positions = list(range(first, len(seq)))
-                row = self._copy(logits[j, : len(seq)].clone(), seq, 1 if seq[:1] == [tok.bos_token_id] else 0,
-                                 plen, positions)
-                out.append(row[positions])
+            out += [logits[j, first: len(seq)] for j, (seq, first) in enumerate(zip(seqs, firsts))]
         return out
 
     def _text_level_logits(self, router: Router, descriptor: str, row: list[int],
@@ -835,7 +769,7 @@ class SERAC(Editor):
         for key in ("max_length", "logits_processor", "pad_token_id", "attention_mask"):
             kwargs.pop(key, None)
         cft = self.cf_tokenizer
-        same = same_vocab(cft, tok)
+        same = self.same_vocab(tok)
         prefix = self._prefix_ids(descriptor)
         body = self._strip_bos(row, tok)[0] if same else cft(tok.decode(row, skip_special_tokens=True),
                                                                add_special_tokens=False)["input_ids"]
@@ -843,10 +777,6 @@ class SERAC(Editor):
         device = self._cf_device(router)
         ids = torch.tensor([seq], device=device)
         pad = cft.pad_token_id if cft.pad_token_id is not None else cft.eos_token_id
-        if self.hparams.copy_bias:
-            from transformers import LogitsProcessorList
-
-            kwargs["logits_processor"] = LogitsProcessorList([_CopyBias(self, len(prefix))])
         call = router.base_generate if self.cf_model is None else self.cf_model.generate
         out = call(input_ids=ids, attention_mask=torch.ones_like(ids), pad_token_id=pad, **kwargs)
         out = out.sequences if hasattr(out, "sequences") else out
@@ -862,9 +792,9 @@ class SERAC(Editor):
     def counterfactual_generate_batch(self, router: Router, descriptors: list[str], rows: list[list[int]],
                                       tok: PreTrainedTokenizerBase, width: int, kwargs: dict[str, Any]) -> list[list[int]]:
         """:meth:`counterfactual_generate` for several rows in one left-padded generate call
-        (same tokenizer, no copy bias; otherwise row by row)."""
+        (same tokenizer; otherwise row by row)."""
         cft = self.cf_tokenizer
-        if self.hparams.copy_bias or not same_vocab(cft, tok) or len(rows) == 1:
+        if not self.same_vocab(tok) or len(rows) == 1:
             return [self.counterfactual_generate(router, d, r, tok, width, kwargs) for d, r in zip(descriptors, rows)]
         kwargs = dict(kwargs)
         if "max_length" in kwargs and "max_new_tokens" not in kwargs:
@@ -975,22 +905,6 @@ def merge_low_rank(model: nn.Module, delta: dict[str, tuple[Tensor, Tensor]]) ->
             raise InvalidEditError(f"counterfactual update of {name}: factors {tuple(left.shape)} and "
                                    f"{tuple(right.shape)} do not make its shape {tuple(p.shape)}")
         p.add_((left @ right.T).to(device=p.device, dtype=p.dtype))
-
-
-class _CopyBias:
-    """LogitsProcessor: the induction-copy bonus during counterfactual generation."""
-
-    def __init__(self, editor: SERAC, prefix_len: int) -> None:
-        self.editor, self.prefix_len = editor, prefix_len
-
-    def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
-        for b in range(input_ids.shape[0]):
-            seq = input_ids[b].tolist()
-            p = len(seq) - 1
-            hit = induction_copy(seq, 0, self.prefix_len, [p])
-            if p in hit:
-                scores[b, hit[p]] += self.editor.hparams.copy_bias
-        return scores
 
 
 __all__ = ["SERAC", "SERACHparams", "SERACMemory", "Router", "ScopeClassifier", "HashedNgrams",

@@ -9,7 +9,7 @@
   model, plus the base model's identity; loading onto another base model is refused.
 * :class:`ExportEditor` / :func:`export_checkpoint`: write an editor artifact
   (safetensors, see :mod:`kedit.checkpoint`) at the end of fit or from a ``.ckpt``.
-* :func:`load_base`: the base model by name, including ``tiny-<family>`` test models.
+* :func:`load_base`: the base model by name (:func:`kedit.models.load_model`).
 """
 
 from __future__ import annotations
@@ -73,11 +73,7 @@ class WandbLogger(_WandbLogger):
 
 
 def load_base(name: str, dtype: str = "float32") -> tuple[nn.Module, Any]:
-    """(model, tokenizer): ``tiny-<family>`` (random tiny test model) or anything ``load_model`` reads."""
-    if name.startswith("tiny-"):
-        from kedit.testing import tiny_model
-
-        return tiny_model(name[len("tiny-"):])
+    """(model, tokenizer): anything :func:`kedit.models.load_model` reads, registered models included."""
     from kedit.models import load_model
 
     return load_model(name, dtype=dtype)

