@@ -11,8 +11,9 @@ import torch
 
 from kedit.data.encode import encode, target_logprobs
 from kedit.editors import WeightDelta
-from kedit.editors.locate import context_templates, locate_requests, optimize_values, subject_last_index
+from kedit.editors.locate import context_templates, locate_requests, subject_last_index
 from kedit.editors.rome import ROME
+from kedit.editors.values import optimize_values
 from kedit.hooks import trace
 from kedit.models import arch_of
 from conftest import assert_state_equal
@@ -79,7 +80,7 @@ def test_finished_requests_leave_the_batch(tiny, family):
 def test_argmax_stop(tiny, monkeypatch):
     """ENCORE's most-probable early stopping: the optimization stops at the first step where the
     target is the argmax at every target token of every template, with the δ of that many steps."""
-    import kedit.editors.locate as locate
+    import kedit.editors.values as values
 
     model, tok = tiny("llama")
     hp = dataclasses.replace(ROME.for_contract_tests(model, tok).hparams, v_steps=30, v_stop_nll=0.0,
@@ -89,14 +90,14 @@ def test_argmax_stop(tiny, monkeypatch):
     templates = context_templates(model, tok, [(4, 3)], seed=0)
     module = arch_of(model).mlp_out_module(0)
     seen = []
-    real = locate.target_logprobs
+    real = values.target_logprobs
 
     def spy(logits, labels):
         out = real(logits, labels)
         seen.append(bool((out[1] == out[2]).all()))
         return out
 
-    monkeypatch.setattr(locate, "target_logprobs", spy)
+    monkeypatch.setattr(values, "target_logprobs", spy)
     vals = optimize_values(model, tok, reqs, templates, module, hp)
     assert 0 < vals.steps[0] < hp.v_steps
     assert len(seen) == vals.steps[0] + 1 and seen[-1] and not any(seen[:-1])
