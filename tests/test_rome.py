@@ -194,6 +194,36 @@ def test_fit_templates_gives_delta_on_every_template(tiny, family):
     torch.testing.assert_close(dW @ torch.stack(keys).mean(0), gains[0], rtol=1e-3, atol=1e-4)
 
 
+def test_covariance_follows_the_weights(tiny, tmp_path, monkeypatch):
+    """The covariance memo is keyed by the weights (the statistics' disk key): a changed model gets
+    a new C, the unchanged one is not measured or read again, and ``history`` gives the C of the
+    model before its edits."""
+    import kedit.stats
+
+    model, tok = tiny("llama")
+    editor = ROME.for_contract_tests(model, tok)
+    editor.hparams = dataclasses.replace(editor.hparams, stats_cache_dir=str(tmp_path))
+    calls = []
+    real = kedit.stats.second_moments
+    monkeypatch.setattr(kedit.stats, "second_moments", lambda *a, **k: calls.append(1) or real(*a, **k))
+    chol = editor.cov_factor(model, tok, 0)
+    assert torch.equal(editor.cov_factor(model, tok, 0), chol) and len(calls) == 1  # memo hit
+    weight = model.get_parameter("model.embed_tokens.weight")
+    saved = weight.detach().clone()
+    with torch.no_grad():
+        weight.mul_(2.0)  # the keys depend on it
+    assert not torch.allclose(editor.cov_factor(model, tok, 0), chol) and len(calls) == 2
+    with torch.no_grad():
+        weight.copy_(saved)
+    assert torch.equal(editor.cov_factor(model, tok, 0), chol) and len(calls) == 2
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    edit = editor.edit(model, tok, FRANCE)
+    with edit.applied(model):
+        assert torch.equal(editor.cov_factor(model, tok, 0, history=[edit]), chol) and len(calls) == 2
+        assert edit.is_applied
+    assert_state_equal(model, state)
+
+
 def test_layer_choice(tiny):
     model, _ = tiny("llama")
     assert ROME.default_layer(30) == 5 and ROME.default_layer(28) == 5 and ROME.default_layer(48) == 9
