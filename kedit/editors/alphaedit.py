@@ -112,7 +112,7 @@ class AlphaEdit(MEMIT):
         return out
 
     def solve(self, K: Tensor, R: Tensor, preserved: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
-        """Eq. 12: ``ΔW = R Kᵀ P (K_pK_pᵀP + KKᵀP + αI)⁻¹`` as ``(left, right)``, ``ΔW = left @ rightᵀ``."""
+        """Eq. 12: ``ΔW = R Kᵀ P (K_pK_pᵀP + KKᵀP + αI)⁻¹ = left @ rightᵀ``, with (P, K_pK_pᵀ)."""
         P, prior = preserved
         eye = torch.eye(P.shape[0], dtype=P.dtype, device=P.device)
         A = P @ (K @ K.T + prior) + self.hparams.L2 * eye

@@ -32,17 +32,8 @@ from torch import Tensor, nn
 from kedit.data.encode import encode
 from kedit.data.request import EditRequest
 from kedit.editors.base import Edit, WeightDelta, base_identity
-from kedit.editors.locate import (
-    LocateHparams,
-    LocateThenEdit,
-    context_templates,
-    depth_layer,
-    locate_requests,
-    progress,
-    ridge,
-    subject_keys,
-    subject_last_index,
-)
+from kedit.editors.locate import (LocateHparams, LocateThenEdit, context_templates, depth_layer, locate_requests,
+                                  progress, ridge, subject_keys, subject_last_index)
 from kedit.editors.values import Values, optimize_values
 from kedit.models.arch import arch_of
 

@@ -38,16 +38,8 @@ from torch import Tensor, nn
 
 from kedit.data.encode import IGNORE, encode, target_logprobs
 from kedit.data.request import EditRequest
-from kedit.editors.locate import (
-    LocateHparams,
-    Row,
-    _cache_kwarg,
-    _out_cache,
-    _pad_id,
-    frozen,
-    rewrite_rows,
-    subject_last_index,
-)
+from kedit.editors.locate import (LocateHparams, Row, _cache_kwarg, _out_cache, _pad_id, frozen, rewrite_rows,
+                                  subject_last_index)
 from kedit.hooks import skip, trace
 from kedit.models.arch import arch_of
 
