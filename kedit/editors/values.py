@@ -104,8 +104,9 @@ def value_loss(logits: Tensor, rows: RowTable, delta: Tensor, v_norm: Tensor, kl
               + kl_factor · KL(P_δ(· | "Sᵢ is a") ‖ P(· | "Sᵢ is a"))       (essence drift)
               + v_weight_decay · ‖δᵢ‖ / ‖vᵢ‖²                                (vᵢ: the original value)
 
-    Returns the loss (n,) (weight decay on ``active`` requests only), the NLL term (n,) and,
-    per request, the number of rows whose target is not the argmax at every target token."""
+    Returns the loss (n,) of the ``active`` requests (zero for those already stopped), the NLL
+    term (n,) and, per request, the number of rows whose target is not the argmax at every target
+    token."""
     n = len(delta)
     logp, correct, length = target_logprobs(logits[rows.rewrite], rows.labels[rows.rewrite])
     req = rows.request[rows.rewrite]
@@ -116,8 +117,8 @@ def value_loss(logits: Tensor, rows: RowTable, delta: Tensor, v_norm: Tensor, kl
         kl_logp = kl_logprobs(logits, rows)
         kl_row = (kl_logp.exp() * (kl_logp - kl_init[rows.request[rows.kl]])).sum(-1)  # KL(P_δ ‖ P)
         loss = loss + hp.kl_factor * torch.zeros(n, device=delta.device).index_add(0, rows.request[rows.kl], kl_row)
-    loss = loss + hp.v_weight_decay * delta.norm(dim=-1) / v_norm ** 2 * active
-    return loss, nll, missed
+    loss = loss + hp.v_weight_decay * delta.norm(dim=-1) / v_norm ** 2
+    return loss * active, nll, missed
 
 
 def kl_logprobs(logits: Tensor, rows: RowTable) -> Tensor:
@@ -166,7 +167,7 @@ def _descend(runner: FullForward, layout: Layout, n: int, width: int, hp: Locate
     kl_init = v_norm = None
     for step in range(hp.v_steps + 1):
         logits = runner(delta)
-        rows = layout.table(runner.rows, n)
+        rows = layout.table(runner.rows)
         if kl_init is None and rows.kl.any():  # δ = 0 at the first step, which sees every row
             kl_init = torch.zeros(n, logits.shape[-1], device=device)
             kl_init[rows.request[rows.kl]] = kl_logprobs(logits, rows).detach()
@@ -247,14 +248,15 @@ class Layout:
         self.is_kl = t([r.kind == "kl" for r in rows])
         self.is_bare = t([r.kind == "rewrite" and r.template == 0 for r in rows])
         self.at = t(at)  # subject's last token within the suffix
+        self.templates = torch.zeros(len(requests), device=device).index_add_(
+            0, self.request[self.is_rewrite], torch.ones(int(self.is_rewrite.sum()), device=device))
+        """(n,): rewrite rows per request."""
 
-    def table(self, sel: Tensor, n: int) -> RowTable:
+    def table(self, sel: Tensor) -> RowTable:
         """The rows ``sel``, with columns counted within the last ``keep``."""
-        templates = torch.zeros(n, device=sel.device).index_add_(
-            0, self.request[self.is_rewrite], torch.ones(int(self.is_rewrite.sum()), device=sel.device))
         return RowTable(self.request[sel], self.is_rewrite[sel], self.is_kl[sel],
                         self.at[sel] - (self.suf_ids.shape[1] - self.keep), self.suf_labels[sel][:, -self.keep:],
-                        templates)
+                        self.templates)
 
 
 def _token_rows(tokenizer, requests: Sequence[EditRequest], rows: list[Row]) -> list[tuple[list[int], list[int]]]:
