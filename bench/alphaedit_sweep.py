@@ -55,7 +55,7 @@ def main() -> None:
 
     def run(name: str, **hp) -> None:
         nonlocal pre
-        editor = kedit.editor(name, corpus=str(DATA / "corpus"), **hp)
+        editor = shared.editor(name, corpus=str(DATA / "corpus"), **hp)
         t0 = time.perf_counter()
         res = evaluate(model, tok, editor, reqs, mode="batch", reuse_pre=pre, **common)
         pre = pre or res
@@ -83,7 +83,7 @@ def main() -> None:
                            "key_sq_norm_mean": float((K * K).sum(-1).mean())})
             logging.info("%s", energy[-1])
 
-    with shared_values():
+    with shared_values() as shared:
         run("memit")
         for t in args.thresholds:
             for l2 in args.l2:

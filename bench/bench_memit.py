@@ -71,35 +71,34 @@ def main() -> None:
         for n in args.n:
             run(args, model, tok, load_requests(CF)[:n])
     elif args.part == "values":
-        with shared_values(args.values_dir):
-            prefill(args, model, tok, load_requests(CF)[:max(args.n)])
+        with shared_values(args.values_dir) as cache:
+            prefill(args, model, tok, load_requests(CF)[:max(args.n)], cache)
     else:
         with shared_values(args.values_dir) as cache:
             for n in args.n:
-                run(args, model, tok, load_requests(CF)[:n])
+                run(args, model, tok, load_requests(CF)[:n], cache)
                 logging.info("values cached for %d requests", len(cache))
 
 
-def prefill(args, model, tok, reqs) -> None:
+def prefill(args, model, tok, reqs, cache) -> None:
     """Optimize the values of a ``--part batch`` run in MEMIT's batches, last batch first;
     the caching wrapper skips those the batch run (or an earlier prefill) has done."""
-    import kedit
     import kedit.editors.memit as memit_mod
     from kedit.editors.locate import context_templates, locate_requests
     from kedit.models.arch import arch_of
 
-    editor = kedit.editor("memit", corpus=str(DATA / "corpus"), stats_tokens=args.stats_tokens,
+    editor = cache.editor("memit", corpus=str(DATA / "corpus"), stats_tokens=args.stats_tokens,
                           **json.loads(args.hparams))
     hp, reqs = editor.hparams, locate_requests(reqs)
     templates = context_templates(model, tok, hp.templates, hp.template_seed)
     module = arch_of(model).block(editor.layers(model)[-1])
     batches = memit_mod.value_batches(tok, reqs, hp.v_batch_size)
     for k, idx in reversed(list(enumerate(batches))):
-        memit_mod.optimize_values(model, tok, [reqs[i] for i in idx], templates, module, hp)
+        editor.values(model, tok, [reqs[i] for i in idx], templates, module)
         logging.info("values of batch %d/%d ready", k + 1, len(batches))
 
 
-def run(args, model, tok, reqs) -> None:
+def run(args, model, tok, reqs, cache=None) -> None:
     import kedit
     from kedit.eval import evaluate
 
@@ -111,8 +110,8 @@ def run(args, model, tok, reqs) -> None:
 
     pre = reused_pre(args.reuse_pre, n)
     for name in names:
-        editor = kedit.editor(name, corpus=str(DATA / "corpus"), stats_tokens=args.stats_tokens,
-                              **json.loads(args.hparams))
+        make = kedit.editor if cache is None else cache.editor  # batch: values shared across runs
+        editor = make(name, corpus=str(DATA / "corpus"), stats_tokens=args.stats_tokens, **json.loads(args.hparams))
         t0 = time.perf_counter()
         editor.second_moments(model, tok, editor.layers(model))
         stats_s = time.perf_counter() - t0

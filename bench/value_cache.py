@@ -8,7 +8,8 @@ times (one batch of 100, then one of 500; or a sweep over AlphaEdit's null-space
 can therefore optimize each request's value once. This is a benchmark shortcut, not a library
 feature: the cache key includes a fingerprint of the weights, so an edited model misses.
 
-With a folder, values also go to disk (one safetensors file per process, read back on every
+Editors made by ``SharedValues.editor`` override MEMIT's public value step (``MEMIT.values``);
+nothing is patched. With a folder, values also go to disk (one safetensors file per process, read back on every
 miss), so a second process can optimize part of a long run's values on another core
 (``bench_memit.py --part values``).
 """
@@ -18,9 +19,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 import torch
 
@@ -63,44 +64,65 @@ class _Store:
         os.replace(tmp, path)
 
 
-def value_key(model, module: str, templates, hp, request) -> str:
-    from kedit.eval.runner import fingerprint
+def value_key(weights: str, module: str, templates, hp, request) -> str:
+    """The identity of one request's value: the weights (a hash), where δ is added, the templates,
+    every hyperparameter the value step reads (``kedit.editors.values.VALUE_FIELDS``) and the request."""
+    from kedit.editors.values import VALUE_FIELDS
 
-    setting = (fingerprint(model), module, tuple(templates), hp.v_lr, hp.v_steps, hp.v_stop_nll,
-               hp.v_weight_decay, hp.clamp_norm_factor, hp.kl_factor,
+    setting = (weights, module, tuple(templates), *(getattr(hp, f) for f in VALUE_FIELDS),
                request.prompt, request.subject, request.target_new)
     return hashlib.sha256(repr(setting).encode()).hexdigest()[:32]
 
 
-@contextmanager
-def shared_values(folder: str | Path | None = None) -> Iterator[dict]:
-    """Within the block, ``kedit.editors.memit`` optimizes each (weights, request, value
-    settings) once; yields the cache (for its size)."""
-    import kedit.editors.memit as memit_mod
-    from kedit.editors.locate import Values
+class SharedValues:
+    """Values optimized once per (weights, request, value settings), for the editors made by
+    :meth:`editor`; yielded by :func:`shared_values`."""
 
-    real = memit_mod.optimize_values
-    store = _Store(folder)
-    store.load()
+    def __init__(self, folder: str | Path | None = None) -> None:
+        self.store = _Store(folder)
+        self.store.load()
 
-    def cached(model, tok, requests, templates, module, hp, **kw):
-        if kw:  # edit-aware values depend on the batch's own update: not shareable
-            return real(model, tok, requests, templates, module, hp, **kw)
-        keys = [value_key(model, module, templates, hp, r) for r in requests]
-        if any(k not in store.mem for k in keys):
-            store.load()  # another process may have optimized them meanwhile
-        missing = [i for i, k in enumerate(keys) if k not in store.mem]
+    def __len__(self) -> int:
+        return len(self.store.mem)
+
+    def editor(self, name: str, **hparams):
+        """``kedit.editor(name, **hparams)`` (MEMIT or AlphaEdit) whose value step (``values``)
+        reads and fills this cache."""
+        from kedit.editors.base import editor_class
+
+        cls, shared = editor_class(name), self
+
+        class Cached(cls):
+            def values(self, model, tokenizer, requests, templates, module):
+                return shared.values(super().values, model, tokenizer, requests, templates, module, self.hparams)
+
+        Cached.__name__ = Cached.__qualname__ = f"Cached{cls.__name__}"
+        return Cached(**hparams)
+
+    def values(self, optimize, model, tokenizer, requests, templates, module: str, hp):
+        """``optimize(model, tokenizer, requests, templates, module)`` for the requests not cached."""
+        from kedit.editors.values import Values
+        from kedit.models.arch import arch_of
+        from kedit.stats import layer_hashes
+
+        last = arch_of(model).num_layers(model) - 1
+        weights = layer_hashes(model, [last])[last]  # every weight: embeddings, blocks, head
+        keys = [value_key(weights, module, templates, hp, r) for r in requests]
+        if any(k not in self.store.mem for k in keys):
+            self.store.load()  # another process may have optimized them meanwhile
+        missing = [i for i, k in enumerate(keys) if k not in self.store.mem]
         if missing:
-            v = real(model, tok, [requests[i] for i in missing], templates, module, hp)
+            v = optimize(model, tokenizer, [requests[i] for i in missing], templates, module)
             for j, i in enumerate(missing):
-                store.put(keys[i], (v.delta[j].detach().clone(), v.init[j].detach().clone(), v.steps[j], v.nll[j]))
-            store.save()
-        rows = [store.mem[k] for k in keys]
+                self.store.put(keys[i], (v.delta[j].detach().clone(), v.init[j].detach().clone(), v.steps[j],
+                                         v.nll[j]))
+            self.store.save()
+        rows = [self.store.mem[k] for k in keys]
         return Values(delta=torch.stack([r[0] for r in rows]), init=torch.stack([r[1] for r in rows]),
                       template_keys=None, steps=[r[2] for r in rows], nll=[r[3] for r in rows])
 
-    memit_mod.optimize_values = cached
-    try:
-        yield store.mem
-    finally:
-        memit_mod.optimize_values = real
+
+@contextmanager
+def shared_values(folder: str | Path | None = None) -> Iterator[SharedValues]:
+    """A :class:`SharedValues` (on disk in ``folder`` if given): make editors with its ``editor``."""
+    yield SharedValues(folder)

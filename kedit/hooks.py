@@ -9,7 +9,7 @@ Every hook is removed when the ``with`` block ends, also when it raises.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -29,6 +29,8 @@ class Traced:
 
     input: Tensor | None = None
     output: Tensor | None = None
+    in_tuple: bool = False
+    """The module returned a tuple (``output`` is its first element)."""
 
 
 def _first(x: Any) -> Any:
@@ -100,6 +102,7 @@ def trace(
                 y = edit_output(name, y)
             if outputs:
                 record[name].output = y.detach() if detach else y
+                record[name].in_tuple = isinstance(out, tuple)
             if name == stop:
                 raise StopForward(name)
             return _replace_first(out, y) if edit_output is not None else None
@@ -127,3 +130,28 @@ def run_until(model: nn.Module, *args: Any, **kwargs: Any) -> Any:
         return model(*args, **kwargs)
     except StopForward:
         return None
+
+
+@contextmanager
+def skip(model: nn.Module, names: Sequence[str], output: Tensor) -> Iterator[None]:
+    """Skip a chain of modules (e.g. a model's lowest blocks) in the forward passes of the block:
+    each of ``names`` but the last returns its first input unchanged, the last returns ``output``
+    (recorded earlier, e.g. with :func:`trace`). Hooks on the skipped modules still run.
+
+    For modules that return a plain tensor: ``output`` replaces the whole return value.
+    """
+    modules = [model.get_submodule(name) for name in names]
+
+    def passthrough(*args: Any, **kwargs: Any) -> Any:
+        return args[0] if args else kwargs["hidden_states"]
+
+    def replay(*_args: Any, **_kwargs: Any) -> Tensor:
+        return output
+
+    try:
+        for i, module in enumerate(modules):
+            module.forward = replay if i == len(modules) - 1 else passthrough
+        yield
+    finally:
+        for module in modules:
+            module.__dict__.pop("forward", None)

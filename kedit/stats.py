@@ -226,6 +226,21 @@ class StatsKey:
             f"L{self.layer}_{self.weights}_{self.corpus}_t{self.n_tokens}_s{self.seq_len}_{self.dtype}.safetensors")
 
 
+def stats_keys(model: nn.Module, layers: Sequence[int], corpus: Corpus | None = None, *,
+               n_tokens: int = DEFAULT_TOKENS, seq_len: int = 256) -> dict[int, StatsKey]:
+    """The cache key of each layer's statistics: the model's name, a hash of the weights the keys
+    depend on, the corpus identity and the settings. Equal keys mean equal statistics, so a memory
+    cache keyed by them never serves a model whose weights changed."""
+    from kedit.editors.base import model_name
+
+    layers = sorted({int(x) for x in layers})
+    cid = corpus_id(default_corpus() if corpus is None else corpus)
+    hashes = layer_hashes(model, layers)
+    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+    return {layer: StatsKey(model_name(model), hashes[layer], layer, cid, n_tokens, seq_len, dtype)
+            for layer in layers}
+
+
 def stats_dir(cache_dir: str | os.PathLike | None = None) -> Path:
     if cache_dir is not None:
         return Path(cache_dir)
@@ -322,17 +337,12 @@ def second_moments(
         return {}
     corpus = default_corpus() if corpus is None else corpus
     root = stats_dir(cache_dir)
-    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
-    from kedit.editors.base import model_name
-
     keys: dict[int, StatsKey] = {}
     out: dict[int, Tensor] = {}
     arch = arch_of(model)
     if cache:
-        cid = corpus_id(corpus)
-        hashes = layer_hashes(model, layers)
+        keys = stats_keys(model, layers, corpus, n_tokens=n_tokens, seq_len=seq_len)
         for layer in layers:
-            keys[layer] = StatsKey(model_name(model), hashes[layer], layer, cid, n_tokens, seq_len, dtype)
             path = keys[layer].path(root)
             d_in = arch.mlp_dims(model, layer)[0]
             found = read_cache(path, lambda p, d=d_in: load_tensors(p, {"mom2": (d, d)})["mom2"], "statistics")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kedit.hooks import StopForward, run_until, trace
+from kedit.hooks import StopForward, run_until, skip, trace
 from kedit.models import arch_of, get_module
 from kedit.testing import tiny_model
 
@@ -204,3 +204,31 @@ def test_keyword_and_no_inputs():
     assert torch.equal(t["kw"].input, x + 1) and t["none"].input is None
     assert torch.equal(y, (x + 1) * 2 + 1)
     assert no_hooks(model)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_skip_replays_the_lowest_blocks(family):
+    """``skip``: with block 1's recorded output replayed, blocks 0 and 1 do not run (their hooks do)
+    and the logits are those of the full forward; outside the block the model runs again."""
+    model, tok = tiny_model(family)
+    batch = {k: v for k, v in tok(["The capital of France is"], return_tensors="pt").items()
+             if k != "token_type_ids"}
+    arch = arch_of(model)
+    blocks = [arch.block(0), arch.block(1)]
+    with torch.no_grad(), trace(model, blocks[-1:], detach=True) as rec:
+        full = model(**batch).logits
+    assert not rec[blocks[-1]].in_tuple
+    ran = []
+    handle = get_module(model, arch.mlp_out_module(0)).register_forward_hook(lambda *a: ran.append(1))
+    try:
+        with torch.no_grad(), skip(model, blocks, rec[blocks[-1]].output), trace(model, blocks) as seen:
+            replayed = model(**batch).logits
+        assert not ran  # block 0's MLP did not run
+        assert seen[blocks[0]].output is not None and torch.equal(seen[blocks[1]].output, rec[blocks[-1]].output)
+        torch.testing.assert_close(replayed, full, rtol=0, atol=0)
+        with torch.no_grad():
+            model(**batch)
+        assert ran  # restored
+    finally:
+        handle.remove()
+    assert all("forward" not in get_module(model, b).__dict__ for b in blocks)

@@ -1,5 +1,6 @@
-"""MEMIT and AlphaEdit: layer spreading, representation, null-space projection, key
-accumulation across sequential edits, and MEMIT on SmolLM2-135M (20 requests, one batch)."""
+"""MEMIT and AlphaEdit: layer spreading, representation, null-space projection, the keys of
+previous edits read from the history (and nowhere else), and MEMIT on SmolLM2-135M (20
+requests, one batch)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,9 @@ import torch
 
 from kedit.data.encode import encode, target_logprobs
 from kedit.editors import EditStack, WeightDelta
-from kedit.editors.alphaedit import AlphaEdit, null_space_projection
+from kedit.editors import Edit
+from kedit.editors.alphaedit import AlphaEdit, AlphaEditDelta, null_space_projection
+from kedit.editors.locate import context_templates, locate_requests, subject_keys
 from kedit.editors.memit import MEMIT
 from kedit.models import arch_of
 from conftest import assert_state_equal
@@ -86,33 +89,76 @@ def test_alphaedit_update_lives_in_the_null_space(tiny, family):
     edit = editor.edit(model, tok, REQUESTS)
     arch = arch_of(model)
     name = arch.mlp_out_weight(0)
-    P = editor.projections[0]
+    P = null_space_projection(editor.second_moments(model, tok, [0])[0], editor.hparams.nullspace_threshold)
     dW = arch.as_out_in(edit.delta(name)).double()  # (d_out, d_in)
     assert dW.abs().max() > 0
     torch.testing.assert_close(dW @ P, dW, rtol=1e-4, atol=1e-6)
 
 
-def test_alphaedit_accumulates_previous_keys(tiny):
+def test_alphaedit_single_edits_do_not_depend_on_order(tiny):
+    """Single mode (each edit on the unedited model, restored after): one editor object gives a
+    request the same edit whatever it edited before. (It used to keep the keys of every edit it
+    returned, so results depended on the order of the requests.)"""
     model, tok = tiny("llama")
     editor = AlphaEdit.for_contract_tests(model, tok)
+    name = arch_of(model).mlp_out_weight(0)
+
+    def single(reqs):
+        deltas = []
+        for r in reqs:
+            edit = editor.edit(model, tok, [r])
+            with edit.applied(model):
+                pass
+            deltas.append(edit.delta(name))
+        return deltas
+
+    ab, ba = single(REQUESTS[:2]), single(REQUESTS[1::-1])
+    assert not torch.equal(ab[0], ab[1])
+    assert torch.equal(ab[0], ba[1]) and torch.equal(ab[1], ba[0])
+    fresh = AlphaEdit.for_contract_tests(model, tok).edit(model, tok, REQUESTS[:1])
+    assert torch.equal(fresh.delta(name), ab[0])
+
+
+def test_alphaedit_uses_the_keys_of_its_history(tiny, tmp_path):
+    """Sequential editing: K_p K_pᵀ is the sum over the AlphaEdit edits in ``history`` of their
+    keys, measured with each edit applied (the paper's accumulated keys); the keys survive
+    save/load; other edits and ``accumulate_keys=False`` add none; each edit raises P(target) of
+    its requests (the second on top of the first)."""
+    model, tok = tiny("llama")
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    p0 = logprob(model, tok, REQUESTS)
+    editor = AlphaEdit.for_contract_tests(model, tok)
+    name = arch_of(model).mlp_out_weight(0)
+    reqs = locate_requests(REQUESTS)
+    templates = context_templates(model, tok, editor.hparams.templates, editor.hparams.template_seed)
+
+    def prior(history, ed=editor):
+        return ed.preserved(model, tok, [0], history)[0][1]
+
     stack = EditStack()
     e1 = editor.edit(model, tok, REQUESTS[:1])
-    kp1 = editor.previous_keys[0].clone()
-    assert torch.linalg.matrix_rank(kp1) == 1
+    assert isinstance(e1, AlphaEditDelta) and e1.keys[name].shape[0] == 1
+    with e1.applied(model):  # e1's keys: measured with e1 applied
+        assert logprob(model, tok, REQUESTS[:1]) > p0[:1]
+        k1 = subject_keys(model, tok, reqs[:1], templates, [0])[0][0].double().T
+        e2 = editor.edit(model, tok, REQUESTS[1:], history=[e1])
+        alone = editor.edit(model, tok, REQUESTS[1:])
+    torch.testing.assert_close(prior([e1]), k1 @ k1.T, rtol=0, atol=0)
+    assert torch.linalg.matrix_rank(prior([e1])) == 1 and prior([]).abs().max() == 0
+    assert not torch.equal(e2.delta(name), alone.delta(name))  # the history constrains the edit
     stack.push(e1)
-    with stack.applied(model):
-        e2 = editor.edit(model, tok, REQUESTS[1:])
-    kp2 = editor.previous_keys[0]
-    assert torch.linalg.matrix_rank(kp2) == 3 and not torch.equal(kp1, kp2)
     stack.push(e2)
-    with stack.applied(model):
-        assert (logprob(model, tok, REQUESTS[:1]) > -1e9).all()
-    editor.reset()
-    assert not editor.previous_keys and not editor.projections
+    assert torch.linalg.matrix_rank(prior(stack.edits)) == 3
+    loaded = Edit.load(stack.save(tmp_path / "stack.safetensors"))
+    assert torch.equal(prior(loaded.edits), prior(stack.edits))
+    memit = MEMIT.for_contract_tests(model, tok).edit(model, tok, REQUESTS[:1])
+    assert torch.equal(prior([memit, e1]), prior([e1]))
     independent = AlphaEdit.for_contract_tests(model, tok)
     independent.hparams = dataclasses.replace(independent.hparams, accumulate_keys=False)
-    independent.edit(model, tok, REQUESTS[:1])
-    assert independent.previous_keys[0].abs().max() == 0
+    assert prior(stack.edits, independent).abs().max() == 0
+    with stack.applied(model):  # the second edit, on top of the first
+        assert (logprob(model, tok, REQUESTS[1:]) > p0[1:]).all()
+    assert_state_equal(model, state)
 
 
 @pytest.mark.real_model

@@ -11,8 +11,9 @@ import torch
 
 from kedit.data.encode import encode, target_logprobs
 from kedit.editors import WeightDelta
-from kedit.editors.locate import context_templates, locate_requests, optimize_values, subject_last_index
+from kedit.editors.locate import context_templates, locate_requests, subject_last_index
 from kedit.editors.rome import ROME
+from kedit.editors.values import optimize_values
 from kedit.hooks import trace
 from kedit.models import arch_of
 from conftest import assert_state_equal
@@ -79,7 +80,7 @@ def test_finished_requests_leave_the_batch(tiny, family):
 def test_argmax_stop(tiny, monkeypatch):
     """ENCORE's most-probable early stopping: the optimization stops at the first step where the
     target is the argmax at every target token of every template, with the δ of that many steps."""
-    import kedit.editors.locate as locate
+    import kedit.editors.values as values
 
     model, tok = tiny("llama")
     hp = dataclasses.replace(ROME.for_contract_tests(model, tok).hparams, v_steps=30, v_stop_nll=0.0,
@@ -89,14 +90,14 @@ def test_argmax_stop(tiny, monkeypatch):
     templates = context_templates(model, tok, [(4, 3)], seed=0)
     module = arch_of(model).mlp_out_module(0)
     seen = []
-    real = locate.target_logprobs
+    real = values.target_logprobs
 
     def spy(logits, labels):
         out = real(logits, labels)
         seen.append(bool((out[1] == out[2]).all()))
         return out
 
-    monkeypatch.setattr(locate, "target_logprobs", spy)
+    monkeypatch.setattr(values, "target_logprobs", spy)
     vals = optimize_values(model, tok, reqs, templates, module, hp)
     assert 0 < vals.steps[0] < hp.v_steps
     assert len(seen) == vals.steps[0] + 1 and seen[-1] and not any(seen[:-1])
@@ -191,6 +192,36 @@ def test_fit_templates_gives_delta_on_every_template(tiny, family):
     for g in gains[1:]:  # the same δ on every template, the bare prompt (templates[0]) included
         torch.testing.assert_close(g, gains[0], rtol=1e-3, atol=1e-4)
     torch.testing.assert_close(dW @ torch.stack(keys).mean(0), gains[0], rtol=1e-3, atol=1e-4)
+
+
+def test_covariance_follows_the_weights(tiny, tmp_path, monkeypatch):
+    """The covariance memo is keyed by the weights (the statistics' disk key): a changed model gets
+    a new C, the unchanged one is not measured or read again, and ``history`` gives the C of the
+    model before its edits."""
+    import kedit.stats
+
+    model, tok = tiny("llama")
+    editor = ROME.for_contract_tests(model, tok)
+    editor.hparams = dataclasses.replace(editor.hparams, stats_cache_dir=str(tmp_path))
+    calls = []
+    real = kedit.stats.second_moments
+    monkeypatch.setattr(kedit.stats, "second_moments", lambda *a, **k: calls.append(1) or real(*a, **k))
+    chol = editor.cov_factor(model, tok, 0)
+    assert torch.equal(editor.cov_factor(model, tok, 0), chol) and len(calls) == 1  # memo hit
+    weight = model.get_parameter("model.embed_tokens.weight")
+    saved = weight.detach().clone()
+    with torch.no_grad():
+        weight.mul_(2.0)  # the keys depend on it
+    assert not torch.allclose(editor.cov_factor(model, tok, 0), chol) and len(calls) == 2
+    with torch.no_grad():
+        weight.copy_(saved)
+    assert torch.equal(editor.cov_factor(model, tok, 0), chol) and len(calls) == 2
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    edit = editor.edit(model, tok, FRANCE)
+    with edit.applied(model):
+        assert torch.equal(editor.cov_factor(model, tok, 0, history=[edit]), chol) and len(calls) == 2
+        assert edit.is_applied
+    assert_state_equal(model, state)
 
 
 def test_layer_choice(tiny):

@@ -5,32 +5,38 @@ that ``ΔW K₀ ≈ 0``: the outputs on preserved knowledge do not move, and seq
 does not collapse the model.
 
 * ``P = Û Ûᵀ``, with ``Û`` the eigenvectors of ``K₀K₀ᵀ ∝ C = E[k kᵀ]`` whose eigenvalues
-  are below ``nullspace_threshold`` (the paper's SVD of the covariance statistics);
-* per layer (Eq. 12, with the residual ``R`` and keys ``K`` as in MEMIT)
+  are below ``nullspace_threshold`` (the paper's SVD of the covariance statistics): a pure
+  function of ``C`` (:func:`null_space_projection`), memoized with it;
+* per layer (Eq. 12, with the residual ``R`` and keys ``K`` as in MEMIT; :meth:`AlphaEdit.solve`)
 
       ΔW = R Kᵀ P (K_p K_pᵀ P + K Kᵀ P + α I)⁻¹
 
-  where ``K_p`` are the keys of all previous edits and ``α`` = ``L2``. The update is rank
+  where ``K_p`` are the keys of the previous edits and ``α`` = ``L2``. The update is rank
   ≤ n, kept as ``left = R``, ``right = (P(KKᵀ + K_pK_pᵀ) + αI)⁻¹ P K``.
 
-State across calls: the editor object keeps ``P`` (per model and layer) and the running
-sum ``K_p K_pᵀ`` of the keys of every edit it has returned so far, as the paper does for
-sequential editing. This assumes each returned edit is applied before the next ``edit``
-call. Call :meth:`AlphaEdit.reset` to forget the previous edits (e.g. before independent
-single edits), or set ``accumulate_keys=False``.
+Sequential editing: the previous edits are the ``history`` argument of ``edit`` (the edits
+already applied to the model). Each AlphaEdit edit is an :class:`AlphaEditDelta`, a
+``WeightDelta`` that carries its keys ``K`` (measured with all its layers applied, as in the
+paper's code; saved and loaded with it), and ``K_p K_pᵀ`` is summed over the AlphaEdit edits in
+the history. Other edits in the history (ROME, MEMIT, fine-tuning) carry no keys and add none.
+The editor object keeps no state across calls: the same requests and history give the same edit.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
-from kedit.editors.base import model_name
+from kedit.data.request import EditRequest
+from kedit.editors.base import Edit, WeightDelta
 from kedit.editors.locate import subject_keys
 from kedit.editors.memit import MEMIT, MEMITHparams
+from kedit.models.arch import arch_of
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +54,27 @@ class AlphaEditHparams(MEMITHparams):
     L2: float = 10.0
     """α: ridge on the projected normal equations (Eq. 12)."""
     accumulate_keys: bool = True
-    """Add each edit's keys to K_p (sequential editing); False: every call is independent."""
+    """Keep ΔW K_p ≈ 0 on the keys of the AlphaEdit edits in ``history`` (sequential editing); False:
+    ignore the history."""
+
+
+@dataclass
+class AlphaEditDelta(WeightDelta):
+    """A ``WeightDelta`` with the keys ``K`` (n, d_in) of its requests at each edited weight:
+    the ``K_p`` of later AlphaEdit edits that stack on it (Eq. 12)."""
+
+    keys: dict[str, Tensor] = field(default_factory=dict)
+    kind: ClassVar[str] = "alphaedit"
+
+    def state(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
+        tensors, meta = super().state()
+        return {**tensors, **{f"keys.{name}": k for name, k in self.keys.items()}}, meta
+
+    @classmethod
+    def from_state(cls, tensors: dict[str, Tensor], meta: dict[str, Any]) -> AlphaEditDelta:
+        edit = super().from_state({k: v for k, v in tensors.items() if not k.startswith("keys.")}, meta)
+        edit.keys = {k[len("keys."):]: v for k, v in tensors.items() if k.startswith("keys.")}
+        return edit
 
 
 class AlphaEdit(MEMIT):
@@ -57,57 +83,49 @@ class AlphaEdit(MEMIT):
     name = "alphaedit"
     Hparams = AlphaEditHparams
 
-    def __init__(self, hparams: AlphaEditHparams | None = None, **overrides) -> None:
-        super().__init__(hparams, **overrides)
-        self.projections: dict[int, Tensor] = {}
-        """P per layer (d_in × d_in), for the model in ``self._owner``."""
-        self.previous_keys: dict[int, Tensor] = {}
-        """Σ K_p K_pᵀ per layer over the edits returned so far (float64)."""
-        self._owner: tuple | None = None
+    def preserved(self, model: nn.Module, tokenizer, layers: list[int],
+                  history: Sequence[Edit]) -> dict[int, tuple[Tensor, Tensor]]:
+        """Per layer, ``P`` (the null space of ``C``) and ``K_p K_pᵀ`` of the AlphaEdit edits in
+        ``history`` (zero with ``accumulate_keys=False``)."""
+        threshold = self.hparams.nullspace_threshold
+        P = self.statistic(model, tokenizer, layers, history, ("null space", threshold),
+                           lambda C: null_space_projection(C, threshold))
+        names = {layer: arch_of(model).mlp_out_weight(layer) for layer in layers}
+        previous = [e for e in history if isinstance(e, AlphaEditDelta)] if self.hparams.accumulate_keys else []
+        out = {}
+        for layer, name in names.items():
+            prior = torch.zeros_like(P[layer])
+            for edit in previous:
+                if name in edit.keys:
+                    K = edit.keys[name].to(prior.device).double().T
+                    prior += K @ K.T
+            out[layer] = (P[layer], prior)
+        return out
 
-    def reset(self) -> None:
-        """Forget the keys of previous edits (and the projections)."""
-        self.projections.clear()
-        self.previous_keys.clear()
-        self._owner = None
-
-    def prepare(self, model: nn.Module, tokenizer, layers: list[int], covs: dict[int, Tensor]) -> None:
-        owner = (id(model), model_name(model))
-        if self._owner is not None and self._owner != owner:
-            log.warning("AlphaEdit: a different model than before; forgetting the previous edits' keys")
-            self.reset()
-        self._owner = owner
-        for layer in layers:
-            if layer not in self.projections:
-                self.projections[layer] = null_space_projection(covs[layer], self.hparams.nullspace_threshold)
-                rank = int(torch.trace(self.projections[layer]).round())
-                log.info("AlphaEdit: layer %d null space has dimension %d of %d", layer, rank, covs[layer].shape[0])
-            if layer not in self.previous_keys:
-                d = covs[layer].shape[0]
-                self.previous_keys[layer] = torch.zeros(d, d, dtype=torch.float64, device=covs[layer].device)
-
-    def solve(self, model: nn.Module, layer: int, K: Tensor, R: Tensor, C: Tensor) -> tuple[Tensor, Tensor]:
-        P = self.projections[layer]
+    def solve(self, K: Tensor, R: Tensor, preserved: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+        """Eq. 12: ``ΔW = R Kᵀ P (K_pK_pᵀP + KKᵀP + αI)⁻¹ = left @ rightᵀ``, with (P, K_pK_pᵀ)."""
+        P, prior = preserved
         eye = torch.eye(P.shape[0], dtype=P.dtype, device=P.device)
-        A = P @ (K @ K.T + self.previous_keys[layer]) + self.hparams.L2 * eye
-        right = torch.linalg.solve(A, P @ K).T  # (n, d_in) -> transposed below
+        A = P @ (K @ K.T + prior) + self.hparams.L2 * eye
         # ΔW = R (A⁻¹ P K)ᵀ: the paper's (A⁻¹ P K Rᵀ)ᵀ; P and A are not symmetric, keep the order
-        return R, right.T
+        return R, torch.linalg.solve(A, P @ K)
 
-    def after_edit(self, model: nn.Module, tokenizer, requests, templates, layers: list[int]) -> None:
-        if not self.hparams.accumulate_keys:
-            return
-        # the keys of this edit, measured with all its layers applied (as in the paper's code)
+    def package(self, model: nn.Module, tokenizer, requests: Sequence[EditRequest], templates: Sequence[str],
+                layers: list[int], updates: dict[str, tuple[Tensor, Tensor]], base: dict,
+                info: dict) -> AlphaEditDelta:
+        """MEMIT's edit with its keys, measured with all of its layers applied (as the paper's code)."""
+        edit = super().package(model, tokenizer, requests, templates, layers, updates, base, info)
         keys, _ = subject_keys(model, tokenizer, requests, templates, layers)
-        for layer in layers:
-            K = keys[layer].double().T
-            self.previous_keys[layer] += K @ K.T
+        arch = arch_of(model)
+        return AlphaEditDelta(factors=edit.factors, dense=edit.dense, base=edit.base, info=edit.info,
+                              keys={arch.mlp_out_weight(layer): keys[layer] for layer in layers})
 
 
 def null_space_projection(C: Tensor, threshold: float) -> Tensor:
     """``P = Û Ûᵀ`` over the eigenvectors of ``C`` with eigenvalue < ``threshold`` (float64)."""
     eigvals, eigvecs = torch.linalg.eigh(C.double())
     U = eigvecs[:, eigvals < threshold]
+    log.info("AlphaEdit: null space of dimension %d of %d", U.shape[1], C.shape[0])
     if U.shape[1] == 0:
         log.warning("AlphaEdit: no eigenvalue of C below %g (smallest %.3g): the projection is zero, "
                     "no edit can pass; lower the statistics' scale or raise nullspace_threshold",

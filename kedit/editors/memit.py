@@ -13,14 +13,16 @@ Many requests in one call, spread over a range of MLP layers ``L₁ … L_last``
    which is rank ≤ n. The result is kept low-rank (``left = R``, ``right = (λC + KKᵀ)⁻¹K``)
    when that is smaller than the dense matrix.
 
-The model is left untouched: the layer updates are applied temporarily while later
-layers' keys are computed and restored (bit-exactly) before ``edit`` returns.
+The two steps are public: :meth:`MEMIT.target_states` (step 1) and :meth:`MEMIT.spread`
+(step 2), whose update of one layer is :meth:`MEMIT.solve`. The model is left untouched: the
+layer updates are applied temporarily while later layers' keys are computed and restored
+(bit-exactly) before ``edit`` returns.
 """
 
 from __future__ import annotations
 
 import logging
-import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,13 +30,17 @@ import torch
 from torch import Tensor, nn
 
 from kedit.data.encode import encode
-from kedit.editors.base import Editor, WeightDelta, base_identity, model_name
-from kedit.editors.locate import (LocateHparams, context_templates, depth_layer, locate_requests,
-                                  optimize_values, ridge, subject_keys, subject_last_index)
+from kedit.data.request import EditRequest
+from kedit.editors.base import Edit, WeightDelta, base_identity
+from kedit.editors.locate import (LocateHparams, LocateThenEdit, context_templates, depth_layer, locate_requests,
+                                  progress, ridge, subject_keys, subject_last_index)
+from kedit.editors.values import Values, optimize_values
 from kedit.models.arch import arch_of
 
 log = logging.getLogger(__name__)
 
+Apply = Callable[[dict[str, tuple[Tensor, Tensor]]], None]
+"""Adds a low-rank update to the model until the edit returns (:meth:`LocateThenEdit.applying`)."""
 
 @dataclass
 class MEMITHparams(LocateHparams):
@@ -53,16 +59,11 @@ class MEMITHparams(LocateHparams):
     GPT-J's ratio (E[kᵀC⁻¹k] = d_in, so a fixed λ would realize far less of the update on narrower MLPs)."""
 
 
-class MEMIT(Editor):
+class MEMIT(LocateThenEdit):
     """Batch edit of many facts over a range of MLP layers."""
 
     name = "memit"
     Hparams = MEMITHparams
-
-    def __init__(self, hparams: MEMITHparams | None = None, **overrides: Any) -> None:
-        super().__init__(hparams, **overrides)
-        self._mom2: dict[tuple, Tensor] = {}
-        self.stats_seconds = 0.0
 
     # ------------------------------------------------------------------ configuration
 
@@ -71,36 +72,11 @@ class MEMIT(Editor):
         last = depth_layer(n_layers, 0.27)
         return list(range(max(0, last - 4), last + 1))
 
-    def layers(self, model: nn.Module) -> list[int]:
-        n = arch_of(model).num_layers(model)
-        layers = sorted(self.hparams.layers) if self.hparams.layers else self.default_layers(n)
-        bad = [x for x in layers if not 0 <= x < n]
-        if bad:
-            raise ValueError(f"{self.name}: layers {bad} out of range for a model with {n} layers")
-        return layers
+    def preserved(self, model: nn.Module, tokenizer, layers: list[int], history: Sequence[Edit]) -> dict[int, Any]:
+        """Per layer, what the update preserves: ``C = E[kkᵀ]`` of the model before ``history``."""
+        return self.second_moments(model, tokenizer, layers, history)
 
-    # ------------------------------------------------------------------ statistics
-
-    def second_moments(self, model: nn.Module, tokenizer, layers: list[int]) -> dict[int, Tensor]:
-        """``{layer: C}``, measured (or read from the disk cache) once per model and layer."""
-        hp = self.hparams
-        key = lambda layer: (id(model), model_name(model), layer, str(hp.corpus)[:200],  # noqa: E731
-                             hp.stats_tokens, hp.stats_seq_len)
-        missing = [layer for layer in layers if key(layer) not in self._mom2]
-        if missing:
-            from kedit.stats import second_moments
-
-            t0 = time.perf_counter()
-            got = second_moments(model, tokenizer, missing, hp.corpus, n_tokens=hp.stats_tokens,
-                                 seq_len=hp.stats_seq_len, cache_dir=hp.stats_cache_dir)
-            self.stats_seconds += time.perf_counter() - t0
-            for layer, C in got.items():
-                self._mom2[key(layer)] = C
-        return {layer: self._mom2[key(layer)] for layer in layers}
-
-    # ------------------------------------------------------------------ the update of one layer
-
-    def solve(self, model: nn.Module, layer: int, K: Tensor, R: Tensor, C: Tensor) -> tuple[Tensor, Tensor]:
+    def solve(self, K: Tensor, R: Tensor, C: Tensor) -> tuple[Tensor, Tensor]:
         """Eq. 14: ``ΔW = R Kᵀ (λC + KKᵀ)⁻¹`` as ``(left, right)`` with ``ΔW = left @ rightᵀ``.
 
         ``K`` (d_in, n) keys, ``R`` (d_out, n) residuals, float64.
@@ -109,85 +85,85 @@ class MEMIT(Editor):
         if lam is None:
             lam = 15000.0 * C.shape[0] / 16384
         A = lam * ridge(C, self.hparams.cov_ridge) + K @ K.T
-        right = torch.linalg.solve(A, K)  # (d_in, n); A is symmetric
-        return R, right
-
-    def after_edit(self, model: nn.Module, tokenizer, requests, templates, layers: list[int]) -> None:
-        """Called with the new edit still applied (AlphaEdit accumulates keys here)."""
+        return R, torch.linalg.solve(A, K)  # (d_in, n); A is symmetric
 
     # ------------------------------------------------------------------ edit
 
     def edit(self, model: nn.Module, tokenizer, requests, history=()) -> WeightDelta:
-        hp = self.hparams
         reqs = locate_requests(requests)
-        arch = arch_of(model)
-        layers = self.layers(model)
-        weights = [arch.mlp_out_weight(layer) for layer in layers]
-        base = base_identity(model, weights)
-        templates = context_templates(model, tokenizer, hp.templates, hp.template_seed)
-        covs = self.second_moments(model, tokenizer, layers)
-        self.prepare(model, tokenizer, layers, covs)
+        arch, layers = arch_of(model), self.layers(model)
+        base = base_identity(model, [arch.mlp_out_weight(layer) for layer in layers])
+        templates = context_templates(model, tokenizer, self.hparams.templates, self.hparams.template_seed)
+        preserved = self.preserved(model, tokenizer, layers, history)
+        with self.applying(model) as apply:
+            if self.hparams.edit_aware:
+                updates, info = self._edit_aware(model, tokenizer, reqs, templates, layers, preserved, apply)
+            else:
+                z_target, vals = self.target_states(model, tokenizer, reqs, templates, layers[-1])
+                updates = self.spread(model, tokenizer, reqs, templates, layers, z_target, preserved, apply)
+                info = {"method": self.name, "layers": layers, "n_requests": len(reqs), "v_steps": vals.steps,
+                        "final_nll": [round(x, 4) for x in vals.nll]}
+            return self.package(model, tokenizer, reqs, templates, layers, updates, base, info)
 
-        if hp.edit_aware:
-            return self._edit_aware(model, tokenizer, reqs, templates, layers, covs, weights, base)
+    def values(self, model: nn.Module, tokenizer, requests: Sequence[EditRequest], templates: Sequence[str],
+               module: str) -> Values:
+        """The value step (Eq. 16) of one batch of requests, at the output of block ``module``."""
+        return optimize_values(model, tokenizer, requests, templates, module, self.hparams)
 
-        # 1. target hidden states at the last edited layer (Eq. 16), in batches of requests
-        # (requests of similar suffix length share a batch: less padding in every step)
-        z_layer = layers[-1]
-        batches = value_batches(tokenizer, reqs, hp.v_batch_size)
+    def target_states(self, model: nn.Module, tokenizer, requests: Sequence[EditRequest], templates: Sequence[str],
+                      z_layer: int) -> tuple[Tensor, Values]:
+        """Step 1: the target hidden states ``zᵢ = hᵢ + δᵢ`` (n, d_model) at the output of block
+        ``z_layer``, float64, in request order, with the :class:`Values` (``delta`` and ``init``
+        left empty). Requests of similar suffix length share a batch (less padding per step)."""
+        module = arch_of(model).block(z_layer)
+        batches = value_batches(tokenizer, requests, self.hparams.v_batch_size)
         order = [i for idx in batches for i in idx]
-        deltas, inits, steps, nlls = [], [], [0] * len(reqs), [0.0] * len(reqs)
-        for idx in _progress(batches, f"{self.name}: values"):
-            vals = optimize_values(model, tokenizer, [reqs[i] for i in idx], templates, arch.block(z_layer), hp)
-            deltas.append(vals.delta)
-            inits.append(vals.init)
+        zs, steps, nlls = [], [0] * len(requests), [0.0] * len(requests)
+        for idx in progress(batches, f"{self.name}: values", "batch"):
+            vals = self.values(model, tokenizer, [requests[i] for i in idx], templates, module)
+            zs.append(vals.init + vals.delta)
             for j, i in enumerate(idx):
                 steps[i], nlls[i] = vals.steps[j], vals.nll[j]
         back = torch.tensor(order).argsort()
-        z_target = (torch.cat(inits) + torch.cat(deltas))[back].double()  # (n, d), request order
+        empty = torch.empty(0)
+        return torch.cat(zs)[back].double(), Values(empty, empty, None, steps, nlls)
 
-        # 2. spread the residual over the layers, earlier layers first (Eqs. 14-20)
-        updates: dict[str, tuple[Tensor, Tensor]] = {}
-        applied: list[WeightDelta] = []
-        try:
-            for i, layer in enumerate(layers):
-                keys, z_cur = subject_keys(model, tokenizer, reqs, templates, [layer], z_layer=z_layer)
-                K = keys[layer].double().T  # (d_in, n)
-                R = (z_target - z_cur.double()).T / (len(layers) - i)  # (d_out, n)
-                left, right = self.solve(model, layer, K, R, covs[layer])
-                factors = arch.low_rank_factors(left.float(), right.float())
-                updates[weights[i]] = factors
-                d = WeightDelta(factors={weights[i]: factors})
-                d.apply(model, check=False)
-                applied.append(d)
-            self.after_edit(model, tokenizer, reqs, templates, layers)
-        finally:
-            for d in reversed(applied):
-                d.restore(model)
+    def spread(self, model: nn.Module, tokenizer, requests: Sequence[EditRequest], templates: Sequence[str],
+               layers: list[int], z_target: Tensor, preserved: dict[int, Any], apply: Apply,
+               ) -> dict[str, tuple[Tensor, Tensor]]:
+        """Step 2 (Eqs. 14-20): the residual ``Z - H`` spread over ``layers``, lowest first; each
+        layer's update is applied (``apply``) before the next layer's keys are read."""
+        arch, updates = arch_of(model), {}
+        for i, layer in enumerate(layers):
+            keys, z_cur = subject_keys(model, tokenizer, requests, templates, [layer], z_layer=layers[-1])
+            K = keys[layer].double().T  # (d_in, n), Eq. 18
+            R = (z_target - z_cur.double()).T / (len(layers) - i)  # (d_out, n), Eq. 20
+            left, right = self.solve(K, R, preserved[layer])
+            name = arch.mlp_out_weight(layer)
+            updates[name] = arch.low_rank_factors(left.float(), right.float())
+            apply({name: updates[name]})
+        return updates
 
-        info = {"method": self.name, "layers": layers, "n_requests": len(reqs), "v_steps": steps,
-                "final_nll": [round(x, 4) for x in nlls]}
+    def package(self, model: nn.Module, tokenizer, requests: Sequence[EditRequest], templates: Sequence[str],
+                layers: list[int], updates: dict[str, tuple[Tensor, Tensor]], base: dict, info: dict) -> WeightDelta:
+        """The edit, made while all of its updates are still applied."""
         return _packed(updates, base, info)
 
-    def _edit_aware(self, model, tokenizer, reqs, templates, layers, covs, weights, base) -> WeightDelta:
+    def _edit_aware(self, model, tokenizer, reqs, templates, layers, preserved, apply) -> tuple[dict, dict]:
         """One layer: the update's key map first, then the values optimized through it."""
         if len(layers) != 1:
             raise ValueError(f"{self.name}: edit_aware=True needs exactly one layer, got {layers}")
         arch, layer = arch_of(model), layers[0]
         keys, _ = subject_keys(model, tokenizer, reqs, templates, [layer])
         K = keys[layer].double().T
-        _, right = self.solve(model, layer, K, torch.zeros(1, K.shape[1], dtype=K.dtype, device=K.device),
-                              covs[layer])
+        _, right = self.solve(K, torch.zeros(1, K.shape[1], dtype=K.dtype, device=K.device), preserved[layer])
         vals = optimize_values(model, tokenizer, reqs, templates, arch.mlp_out_module(layer), self.hparams,
                                edit_right=right.T.float())
-        with WeightDelta(factors={weights[0]: arch.low_rank_factors(vals.delta.T, right.float())}).applied(model):
-            self.after_edit(model, tokenizer, reqs, templates, layers)
+        name = arch.mlp_out_weight(layer)
+        apply({name: arch.low_rank_factors(vals.delta.T, right.float())})
         info = {"method": self.name, "layers": layers, "n_requests": len(reqs), "v_steps": vals.steps,
                 "final_nll": [round(x, 4) for x in vals.nll], "edit_aware": True}
-        return _packed({weights[0]: arch.low_rank_factors(vals.delta.T.contiguous(), right.float())}, base, info)
-
-    def prepare(self, model: nn.Module, tokenizer, layers: list[int], covs: dict[int, Tensor]) -> None:
-        """Per-call setup before the edit (AlphaEdit builds its projections here)."""
+        return {name: arch.low_rank_factors(vals.delta.T.contiguous(), right.float())}, info
 
 
 def value_batches(tokenizer, requests, size: int) -> list[list[int]]:
@@ -203,14 +179,6 @@ def _suffix_length(tokenizer, request) -> int:
     ids = encode(tokenizer, [request.prompt], [request.target_new])["attention_mask"]
     end = request.prompt.rfind(request.subject) + len(request.subject)
     return int(ids.sum()) - subject_last_index(tokenizer, request.prompt, end)
-
-
-def _progress(items, desc: str):
-    if len(items) < 2:
-        return items
-    from tqdm.auto import tqdm
-
-    return tqdm(items, desc=desc, unit="batch", disable=None)
 
 
 def _packed(updates: dict[str, tuple[Tensor, Tensor]], base: dict, info: dict) -> WeightDelta:

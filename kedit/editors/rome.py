@@ -15,26 +15,27 @@ collapses the model under sequential editing. Here the same key ``k*`` is used f
 (``same_key=True``); ``same_key=False`` reproduces plain ROME.
 
 Several requests in one call are edited one after another, each on top of the previous
-ones; the result is one ``WeightDelta`` of rank ``n``.
+ones; the result is one ``WeightDelta`` of rank ``n``. The update (Eq. 2) is
+:func:`rank_one_right`; the value step (Eq. 4) is :func:`kedit.editors.values.value_loss`.
 """
 
 from __future__ import annotations
 
 import logging
-import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from kedit.editors.base import Editor, WeightDelta, base_identity, model_name
-from kedit.editors.locate import (LocateHparams, context_templates, depth_layer, locate_requests,
-                                  optimize_values, ridge, subject_keys)
+from kedit.data.request import EditRequest
+from kedit.editors.base import Edit, WeightDelta, base_identity
+from kedit.editors.locate import (LocateHparams, LocateThenEdit, context_templates, depth_layer, locate_requests,
+                                  progress, ridge, subject_keys)
+from kedit.editors.values import Values, optimize_values
 from kedit.models.arch import arch_of
 
 log = logging.getLogger(__name__)
-
 
 @dataclass
 class ROMEHparams(LocateHparams):
@@ -55,15 +56,11 @@ class ROMEHparams(LocateHparams):
     """Ridge on the templates' Gram matrix (relative to its mean diagonal) for ``fit_templates``."""
 
 
-class ROME(Editor):
+class ROME(LocateThenEdit):
     """Rank-one edit of one MLP output projection per request."""
 
     name = "rome"
     Hparams = ROMEHparams
-
-    def __init__(self, hparams: ROMEHparams | None = None, **overrides: Any) -> None:
-        super().__init__(hparams, **overrides)
-        self._cov: dict[tuple, Tensor] = {}  # Cholesky factors of C, per model and layer
 
     # ------------------------------------------------------------------ configuration
 
@@ -71,32 +68,23 @@ class ROME(Editor):
     def default_layer(n_layers: int) -> int:
         return depth_layer(n_layers, 0.18)
 
+    @staticmethod
+    def default_layers(n_layers: int) -> list[int]:
+        return [ROME.default_layer(n_layers)]
+
     def layer(self, model: nn.Module) -> int:
         layers = self.hparams.layers
-        n = arch_of(model).num_layers(model)
-        if not layers:
-            return self.default_layer(n)
-        if len(layers) != 1:
+        if layers and len(layers) != 1:
             raise ValueError(f"ROME edits one layer; got layers={layers} (use MEMIT for several)")
-        if not 0 <= layers[0] < n:
-            raise ValueError(f"ROME layer {layers[0]} out of range for a model with {n} layers")
-        return layers[0]
+        return self.layers(model)[0]
 
     # ------------------------------------------------------------------ statistics
 
-    def cov_factor(self, model: nn.Module, tokenizer, layer: int) -> Tensor:
-        """Cholesky factor of ``C + ridge`` (float64), computed once per model and layer."""
-        hp = self.hparams
-        key = (id(model), model_name(model), layer, str(hp.corpus)[:200], hp.stats_tokens, hp.stats_seq_len)
-        if key not in self._cov:
-            from kedit.stats import second_moments
-
-            t0 = time.perf_counter()
-            C = second_moments(model, tokenizer, [layer], hp.corpus, n_tokens=hp.stats_tokens,
-                               seq_len=hp.stats_seq_len, cache_dir=hp.stats_cache_dir)[layer]
-            self._cov[key] = torch.linalg.cholesky(ridge(C, hp.cov_ridge))
-            self.stats_seconds = time.perf_counter() - t0
-        return self._cov[key]
+    def cov_factor(self, model: nn.Module, tokenizer, layer: int, history: Sequence[Edit] = ()) -> Tensor:
+        """Cholesky factor of ``C + ridge`` (float64), ``C`` of the model before ``history``."""
+        rel = self.hparams.cov_ridge
+        return self.statistic(model, tokenizer, [layer], history, ("cholesky", rel),
+                              lambda C: torch.linalg.cholesky(ridge(C, rel)))[layer]
 
     # ------------------------------------------------------------------ edit
 
@@ -106,45 +94,48 @@ class ROME(Editor):
         arch = arch_of(model)
         layer = self.layer(model)
         weight = arch.mlp_out_weight(layer)
-        module = arch.mlp_out_module(layer)
         base = base_identity(model, [weight])
         templates = context_templates(model, tokenizer, hp.templates, hp.template_seed)
-        chol = self.cov_factor(model, tokenizer, layer)
+        chol = self.cov_factor(model, tokenizer, layer, history)
         lefts, rights, steps, nlls = [], [], [], []
-        partial: list[WeightDelta] = []
-        try:
-            for r in _progress(reqs):
+        with self.applying(model) as apply:
+            for r in progress(reqs, "ROME", "edit"):
                 if lefts:  # later requests see the earlier ones applied (restored below)
-                    d = WeightDelta(factors={weight: arch.low_rank_factors(lefts[-1][:, None], rights[-1][:, None])})
-                    d.apply(model, check=False)
-                    partial.append(d)
-                if hp.edit_aware:  # the update's direction first, then δ through it
-                    k_star = subject_keys(model, tokenizer, [r], templates, [layer])[0][layer][0].double()
-                    u = torch.cholesky_solve(k_star[:, None], chol)[:, 0]
-                    right = u / (k_star @ u)
-                    vals = optimize_values(model, tokenizer, [r], templates, module, hp,
-                                           edit_right=right.float()[None])
-                else:
-                    vals = optimize_values(model, tokenizer, [r], templates, module, hp, want_keys=True)
-                    if hp.fit_templates:
-                        right = fit_keys(vals.template_keys[0].double(), chol, hp.fit_ridge)
-                    else:
-                        k_star = vals.keys[0].double()  # (d_in,) Eq. 3
-                        u = torch.cholesky_solve(k_star[:, None], chol)[:, 0]  # C⁻¹ k*
-                        k_apply = k_star if hp.same_key else vals.bare_keys[0].double()
-                        right = u / (k_apply @ u)  # ΔW k_apply = δ (Eq. 2)
+                    apply({weight: arch.low_rank_factors(lefts[-1][:, None], rights[-1][:, None])})
+                vals, right = self.update(model, tokenizer, r, templates, layer, chol)
                 lefts.append(vals.delta[0].float())
                 rights.append(right.float())
                 steps += vals.steps
                 nlls += vals.nll
-        finally:
-            for d in reversed(partial):
-                d.restore(model)
         left = torch.stack(lefts, dim=1)  # (d_out, n)
         right = torch.stack(rights, dim=1)  # (d_in, n)
         info = {"method": "rome", "layer": layer, "n_requests": len(reqs), "v_steps": steps,
                 "final_nll": [round(x, 4) for x in nlls], "same_key": hp.same_key}
         return WeightDelta(factors={weight: arch.low_rank_factors(left, right)}, base=base, info=info)
+
+    def update(self, model: nn.Module, tokenizer, request: EditRequest, templates: list[str], layer: int,
+               chol: Tensor) -> tuple[Values, Tensor]:
+        """One request's value δ (Eq. 4) and the right vector r of ``ΔW = δ rᵀ`` (Eq. 2)."""
+        hp = self.hparams
+        module = arch_of(model).mlp_out_module(layer)
+        if hp.edit_aware:  # the update's direction first, then δ through it
+            k_star = subject_keys(model, tokenizer, [request], templates, [layer])[0][layer][0].double()
+            right = rank_one_right(k_star, chol)
+            return optimize_values(model, tokenizer, [request], templates, module, hp,
+                                   edit_right=right.float()[None]), right
+        vals = optimize_values(model, tokenizer, [request], templates, module, hp, want_keys=True)
+        if hp.fit_templates:
+            return vals, fit_keys(vals.template_keys[0].double(), chol, hp.fit_ridge)
+        k_star = vals.keys[0].double()  # (d_in,) Eq. 3
+        return vals, rank_one_right(k_star, chol, k_star if hp.same_key else vals.bare_keys[0].double())
+
+
+def rank_one_right(k_star: Tensor, chol: Tensor, k_apply: Tensor | None = None) -> Tensor:
+    """ROME's update (Eq. 2) ``ΔW = δ rᵀ`` with ``r = C⁻¹k* / (k_applyᵀ C⁻¹k*)``: ``ΔW k_apply = δ``,
+    and the least change ``ΔW`` under ``C = E[kkᵀ]``. ``k_apply``: ``k*`` (r-ROME) or, in plain
+    ROME, the bare prompt's key. ``chol``: Cholesky factor of ``C``."""
+    u = torch.cholesky_solve(k_star[:, None], chol)[:, 0]  # C⁻¹ k*
+    return u / ((k_star if k_apply is None else k_apply) @ u)
 
 
 def fit_keys(keys: Tensor, chol: Tensor, rel_ridge: float = 0.0) -> Tensor:
@@ -156,11 +147,3 @@ def fit_keys(keys: Tensor, chol: Tensor, rel_ridge: float = 0.0) -> Tensor:
     if rel_ridge > 0:
         G = G + rel_ridge * G.diagonal().mean() * torch.eye(len(G), dtype=G.dtype, device=G.device)
     return A @ torch.linalg.solve(G, torch.ones(len(G), dtype=G.dtype, device=G.device))
-
-
-def _progress(items: list) -> Any:
-    if len(items) < 2:
-        return items
-    from tqdm.auto import tqdm
-
-    return tqdm(items, desc="ROME", unit="edit", disable=None)
