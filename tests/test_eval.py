@@ -17,7 +17,8 @@ from kedit.editors.base import Edit, Editor, WeightDelta, base_identity
 from kedit.eval import (EvalConfig, Perplexity, Rate, RestoreError, Results, evaluate, generation_match,
                         kl_divergence, mean_ngram_entropy, ngram_entropy, normalize_answer, prob_greater,
                         token_accuracy, top1_agreement)
-from kedit.eval.runner import _curve_checkpoints, _Scorer, fingerprint
+from kedit.eval.runner import _curve_checkpoints, fingerprint
+from kedit.eval.scorer import Scorer, queries
 from kedit.eval.scoring import generate, load_texts, next_token_logprobs, score_targets
 from kedit.models import arch_of
 
@@ -331,7 +332,7 @@ def test_results_outputs_and_reuse(tiny, ppl_text, tmp_path):
 
 def test_encoder_decoder_is_scored(tiny, ppl_text):
     model, tok = tiny("t5")
-    scorer = _Scorer(model, tok, EvalConfig(fluency_new_tokens=4, ppl_path=ppl_text))
+    scorer = Scorer(model, tok, EvalConfig(fluency_new_tokens=4, ppl_path=ppl_text))
     out, refs = scorer.score(REQUESTS[:2])
     assert out[0]["neighborhood/kl"] == 0.0 and 0.0 <= out[0]["rewrite/acc"] <= 1.0
     assert math.isnan(scorer.perplexity()[0])  # perplexity is defined for decoder-only models
@@ -341,9 +342,38 @@ def test_encoder_decoder_is_scored(tiny, ppl_text):
     assert torch.allclose(folded, alone[[1, 0]], atol=1e-5)
 
 
-def test_bad_mode_and_empty():
+def test_query_rows_and_identical_rows_scored_once(tiny, monkeypatch):
+    """One row per (prompt, target, kind) in the reference order; a group with a repeated
+    request runs each distinct row once and scores both copies like the request alone."""
+    import kedit.eval.scorer as scorer_mod
+
+    r = REQUESTS[0]
+    rows = queries([r])
+    assert [(q.split, q.kind) for q in rows[:3]] == [("rewrite", "new"), ("rewrite", "true"), ("rewrite", "gen")]
+    assert [(q.kind, q.target) for q in rows if q.split == "neighborhood"][:3] == [
+        ("true", "Berlin"), ("new", "Rome"), ("gen", "Berlin")]
+    assert [q.split for q in queries([r], light=True, generation=False)] == ["rewrite", "rewrite"]
+    forced = len({(q.prompt, q.target) for q in rows if q.kind != "gen"})
+    assert forced == sum(q.kind != "gen" for q in rows) - 1  # "Italy ... Rome" is both the true and the new answer
+    model, tok = tiny("llama")
+    seen, real = [], scorer_mod.score_targets
+    monkeypatch.setattr(scorer_mod, "score_targets", lambda m, t, prompts, *a, **k: seen.append(len(prompts))
+                        or real(m, t, prompts, *a, **k))
+    scorer = Scorer(model, tok, EvalConfig(perplexity=False, fluency=False))
+    alone, _ = scorer.score([r])
+    twice, refs = scorer.score([r, r])
+    assert seen == [forced, forced]
+    assert twice[0] == twice[1] == pytest.approx(alone[0], nan_ok=True)
+    assert torch.equal(refs[0].next_logp, refs[1].next_logp) and refs[0].next_logp.shape[0] == len(r.neighborhood)
+
+
+def test_bad_mode_and_empty(tiny):
+    model, tok = tiny("llama")
     with pytest.raises(ValueError, match="unknown mode"):
-        evaluate(None, None, Boost(), REQUESTS, mode="parallel")
+        evaluate(model, tok, Boost(), REQUESTS, mode="parallel")
+    for empty in ([], ()):
+        with pytest.raises(ValueError, match="no requests to evaluate"):
+            evaluate(model, tok, Boost(), empty, progress=False)
 
 
 # --------------------------------------------------------------------------- CLI
@@ -453,9 +483,9 @@ def test_real_model_pre_edit_scores(smollm2):
     model, tok = smollm2
     req = EditRequest(prompt="The capital of France is", subject="France", target_new="Rome", target_true="Paris",
                       neighborhood=[Probe("The capital of Germany is", "Berlin")])
-    out, _ = _Scorer(model, tok, EvalConfig(perplexity=False, fluency=False)).score([req])
+    out, _ = Scorer(model, tok, EvalConfig(perplexity=False, fluency=False)).score([req])
     m = out[0]
     assert m["rewrite/es"] == 0.0 and m["rewrite/gen"] == 0.0 and m["rewrite/p_new"] < 0.05
     assert m["neighborhood/ns"] == 1.0 and m["neighborhood/gen"] == 1.0 and m["neighborhood/acc"] == 1.0
     ok = EditRequest(prompt="The capital of France is", target_new="Paris")
-    assert _Scorer(model, tok, EvalConfig(perplexity=False, fluency=False)).score([ok])[0][0]["rewrite/gen"] == 1.0
+    assert Scorer(model, tok, EvalConfig(perplexity=False, fluency=False)).score([ok])[0][0]["rewrite/gen"] == 1.0
