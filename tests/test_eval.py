@@ -403,23 +403,30 @@ def test_cli_smoke(cli_files, tmp_path, capsys, ppl_text):
     from kedit.evaluate import main
 
     out = tmp_path / "res.json"
-    argv = ["--model", str(cli_files[0]), "--editor", "ft-m", "--hparams", "num_steps=3", "lr=1e-2",
+    argv = ["--model", str(cli_files[0]), "--editor", "ft-m", "--hparams.num_steps", "3", "--hparams.lr=1e-2",
             "--data", str(cli_files[1]), "--mode", "sequential", "--limit", "3", "--out", str(out),
-            "--plot", str(tmp_path / "curve.png"), "--ppl-path", ppl_text, "--ppl-tokens", "32",
-            "--fluency-tokens", "8", "--quiet", "--device", "cpu"]
+            "--plot", str(tmp_path / "curve.png"), "--eval.ppl_path", ppl_text, "--eval.ppl_tokens", "32",
+            "--eval.fluency_new_tokens", "8", "--quiet", "--device", "cpu"]
     assert main(argv) == 0
     stdout = capsys.readouterr().out
     assert "| metric | pre | post | n |" in stdout and "rewrite/es" in stdout
     data = json.loads(out.read_text())
     assert data["meta"]["n_requests"] == 3 and data["meta"]["hparams"]["num_steps"] == 3
+    assert data["meta"]["hparams"]["lr"] == 1e-2 and data["meta"]["config"]["ppl_tokens"] == 32
     assert data["meta"]["mode"] == "sequential" and len(data["curves"]) >= 2
     assert (tmp_path / "curve.png").stat().st_size > 0
-    assert main(argv[:4] + ["--hparams", "nonsense=1"] + argv[6:]) == 2
-    assert "error: --hparams: FTMHparams has no field 'nonsense'" in capsys.readouterr().err
+    assert main(argv[:4] + ["--hparams.nonsense", "1"] + argv[8:]) == 2
+    _one_line_error(capsys, "unrecognized arguments: --hparams.nonsense 1", "--editor NAME --help lists them")
+    assert main(argv[:4] + ["--hparams.num_steps", "many"] + argv[8:]) == 2
+    _one_line_error(capsys, 'Parser key "hparams.num_steps"', "many")
     with pytest.raises(SystemExit) as exc:
         main(["--help"])
     assert exc.value.code == 0
     assert "--editor" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exc:
+        main(["--editor", "ft-m", "--help"])
+    assert exc.value.code == 0
+    assert "--hparams.num_steps" in capsys.readouterr().out  # the editor's hyperparameters are the CLI
 
 
 def _one_line_error(capsys, *parts: str) -> str:
@@ -430,7 +437,7 @@ def _one_line_error(capsys, *parts: str) -> str:
     return err
 
 
-@pytest.mark.parametrize("case", ["model", "untrained mend", "data", "bad record", "out"])
+@pytest.mark.parametrize("case", ["model", "untrained mend", "unknown editor", "data", "bad record", "out"])
 def test_cli_user_errors_are_one_line(cli_files, tmp_path, capsys, monkeypatch, case):
     """Expected user errors: exit code 2 and one line naming the problem, before any work."""
     import kedit.eval
@@ -445,6 +452,7 @@ def test_cli_user_errors_are_one_line(cli_files, tmp_path, capsys, monkeypatch, 
     change, parts = {
         "model": ({"--model": "nosuch-model"}, ["no model 'nosuch-model'", "smollm2-135m, gemma3-270m"]),
         "untrained mend": ({"--editor": "mend"}, ["--editor mend", "checkpoints/mend-smollm2-135m-counterfact"]),
+        "unknown editor": ({"--editor": "nosuch"}, ["--editor 'nosuch': neither a registered editor"]),
         "data": ({"--data": str(tmp_path / "none.json")}, ["no data file at"]),
         "bad record": ({"--data": str(tmp_path / "bad.json")}, ["record 0, field 'target_new'", "lone surrogate"]),
         "out": ({"--out": str(blocker / "r.json")}, [f"--out {blocker / 'r.json'}: cannot write"]),
@@ -464,9 +472,9 @@ def test_cli_prints_the_table_before_writing(cli_files, tmp_path, capsys, monkey
 
     monkeypatch.setattr(kedit.atomic, "atomic_write_text", full_disk)
     out = tmp_path / "res.json"
-    argv = ["--model", str(cli_files[0]), "--editor", "ft-m", "--hparams", "num_steps=1", "--data", str(cli_files[1]),
-            "--limit", "1", "--out", str(out), "--no-perplexity", "--no-generation", "--no-fluency", "--quiet",
-            "--device", "cpu"]
+    argv = ["--model", str(cli_files[0]), "--editor", "ft-m", "--hparams.num_steps", "1", "--data", str(cli_files[1]),
+            "--limit", "1", "--out", str(out), "--eval.perplexity", "false", "--eval.generation", "false",
+            "--eval.fluency", "false", "--quiet", "--device", "cpu"]
     assert main(argv) == 2
     captured = capsys.readouterr()
     assert "| metric | pre | post | n |" in captured.out and not out.exists()
