@@ -28,7 +28,13 @@ from transformers import PreTrainedTokenizerBase
 from kedit import paths
 from kedit.data.request import EditRequest
 from kedit.eval import metrics as M
-from kedit.eval.scoring import answer_budget, corpus_nll, generate, load_texts, score_targets
+from kedit.eval.scoring import (
+    answer_budget,
+    corpus_nll,
+    generate,
+    load_texts,
+    score_targets,
+)
 
 if TYPE_CHECKING:
     from kedit.eval.runner import EvalConfig
