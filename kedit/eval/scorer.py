@@ -238,7 +238,8 @@ class Scorer:
         for i in range(len(requests)):
             nb = got.of(i, "neighborhood")
             ref = refs[i] if refs is not None else Ref(got.next_logp[i], [it.true.top1 for it in nb])
-            out.append({**edit_split("rewrite", got.of(i, "rewrite")), **edit_split("paraphrase", got.of(i, "paraphrase")),
+            out.append({**edit_split("rewrite", got.of(i, "rewrite")),
+                        **edit_split("paraphrase", got.of(i, "paraphrase")),
                         **neighborhood(nb, ref, got.next_logp[i]), **portability(got.of(i, "portability"))})
             new_refs.append(ref)
         if self.cfg.fluency and not light:
