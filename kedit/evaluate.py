@@ -239,10 +239,8 @@ def _main(argv: list[str]) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     import torch
 
-    from kedit.atomic import atomic_write_text
     from kedit.data.loaders import load_requests_with_report
     from kedit.eval import evaluate
-    from kedit.eval.results import log_wandb, plot_curves
     from kedit.models import load_model
 
     if args.threads:
@@ -262,7 +260,17 @@ def _main(argv: list[str]) -> int:
                        config=parser.instantiate(args).eval, progress=not args.quiet)
     results.meta.update(data=str(args.data), seed=args.seed, argv=argv)
 
-    title = f"{results.meta['editor_name']} · {args.mode} · {len(requests)} requests · {Path(args.data).name}"
+    _report(results, args, out)
+    return 0
+
+
+def _report(results, args, out: Path) -> None:
+    """The table on stdout, the JSON file, then the plot and W&B if asked for."""
+    from kedit.atomic import atomic_write_text
+    from kedit.eval.results import log_wandb, plot_curves
+
+    meta = results.meta
+    title = f"{meta['editor_name']} · {args.mode} · {meta['n_requests']} requests · {Path(args.data).name}"
     sys.stdout.write(results.to_markdown(title))  # before writing: a failed write keeps the table
     try:
         atomic_write_text(out, results.to_json() + "\n")
@@ -278,7 +286,6 @@ def _main(argv: list[str]) -> int:
             log.warning("--plot: only sequential mode records curves; nothing plotted")
     if args.wandb:
         log_wandb(results, args.wandb_project, config=args.as_dict())
-    return 0
 
 
 if __name__ == "__main__":

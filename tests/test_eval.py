@@ -481,6 +481,43 @@ def test_cli_prints_the_table_before_writing(cli_files, tmp_path, capsys, monkey
     assert "No space left on device" in captured.err and "the table above has them" in captured.err
 
 
+@pytest.mark.parametrize("login", [False, True])
+def test_wandb_goes_online_after_wandb_login(tmp_path, monkeypatch, login):
+    """W&B logging of an evaluation is online when `wandb login` wrote ~/.netrc, offline without."""
+    import sys
+    import types
+
+    from kedit.eval.results import log_wandb
+
+    for var in ("WANDB_API_KEY", "WANDB_MODE", "WANDB_BASE_URL"):
+        monkeypatch.delenv(var, raising=False)
+    netrc = tmp_path / "netrc"
+    netrc.write_text("machine api.wandb.ai\n  login user\n  password key\n" if login else "")
+    netrc.chmod(0o600)
+    monkeypatch.setenv("NETRC", str(netrc))
+    calls = {}
+
+    class Run:
+        summary: dict = {}
+
+        def log(self, values, step):
+            calls.setdefault("steps", []).append(step)
+
+        def finish(self):
+            calls["finished"] = True
+
+    def init(**kwargs):
+        calls.update(kwargs)
+        return Run()
+
+    monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(init=init))
+    res = Results(summary={"pre": {"rewrite/es": 0.0}, "post": {"rewrite/es": 1.0}}, curves=[{"n_edits": 1}],
+                  meta={"editor_name": "Boost", "mode": "sequential"})
+    log_wandb(res, "proj", config={"editor": "boost"})
+    assert calls["mode"] == ("online" if login else "offline") and calls["project"] == "proj"
+    assert calls["config"]["editor"] == "boost" and calls["steps"] == [1] and calls["finished"]
+
+
 # --------------------------------------------------------------------------- real model
 
 
