@@ -154,11 +154,12 @@ def evaluate(
     if not reqs:
         raise ValueError("no requests to evaluate")
     step = _step(mode, batch_size, len(reqs))
+    reused = _check_reuse(reuse_pre, reqs, cfg)
     was_training = model.training
     model.eval()
     start_hash = state_hash(model) if cfg.check_restore else None
     bar = tqdm(total=len(reqs), desc=f"{mode} {type(editor).__name__}", unit="req", disable=not progress)
-    run = _Run(model, tokenizer, editor, reqs, cfg, _check_reuse(reuse_pre, reqs, cfg), bar, on_result, on_curve)
+    run = _Run(model, tokenizer, editor, reqs, cfg, reused, bar, on_result, on_curve)
     try:
         ppl_post = {"single": run.single, "batch": run.batch, "sequential": run.sequential}[mode](step)
     finally:
