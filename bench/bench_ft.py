@@ -66,7 +66,7 @@ def main() -> None:
            "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
            "torch": torch.__version__, "python": platform.python_version(),
            "command": " ".join([Path(sys.executable).name, *sys.argv])}
-    runs: dict[str, dict] = {}
+    runs: dict = {}
     pre = None
     for name in args.editors:
         editor = kedit.editor(name)
@@ -74,7 +74,7 @@ def main() -> None:
         res = evaluate(model, tok, editor, requests, mode="single", config=cfg, reuse_pre=pre)
         res.meta.update(wall_seconds=time.perf_counter() - t0, bench_editor=name)
         pre = pre or res
-        runs[name] = res.to_dict()
+        runs[name] = res
         (out_dir / f"{args.name}-{name}.json").write_text(res.to_json() + "\n")
         write(out_dir, args, env, runs)
         logging.info("%s done in %.0f s", name, res.meta["wall_seconds"])
@@ -90,7 +90,7 @@ def merge(args) -> None:
         res = Results.from_json(path)
         cls = res.meta.get("editor_name")
         name = res.meta.get("bench_editor") or next((k for k, v in EDITORS.items() if v.endswith(f":{cls}")), cls)
-        runs[name] = res.to_dict()
+        runs[name] = res
     env = {"device": "see note", "gpu": None, "cpu": "", "threads": "-", "command": args.note}
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -98,40 +98,25 @@ def merge(args) -> None:
     print((out_dir / f"{args.name}.md").read_text())
 
 
-def write(out_dir: Path, args, env: dict, runs: dict[str, dict]) -> None:
-    from kedit.eval.results import METRICS, _fmt
+def write(out_dir: Path, args, env: dict, runs: dict) -> None:
+    """``<name>.json`` (each editor's summary and meta) and ``<name>.md`` (the comparison table)."""
+    from kedit.eval.results import compare_markdown
 
-    summary = {name: {"pre": r["summary"]["pre"], "post": r["summary"]["post"], "n": r["summary"]["n"],
-                      **{k: r["meta"].get(k) for k in ("edit_seconds_mean", "edit_seconds_total", "eval_seconds",
-                                                    "wall_seconds", "peak_rss_mb", "cuda_peak_mb", "hparams",
-                                                    "n_requests", "device")}}
-               for name, r in runs.items()}
+    keep = ("edit_seconds_mean", "edit_seconds_total", "eval_seconds", "wall_seconds", "peak_rss_mb", "cuda_peak_mb",
+            "hparams", "n_requests", "device")
+    summary = {name: {**r.to_dict()["summary"], **{k: r.meta.get(k) for k in keep}} for name, r in runs.items()}
     (out_dir / f"{args.name}.json").write_text(json.dumps(
         {"model": args.model, "data": args.data, "limit": args.limit, "env": env, "summary": summary,
          "per_request_files": {n: f"{args.name}-{n}.json" for n in runs}}, indent=1) + "\n")
-    names = list(runs)
-    first = runs[names[0]]["summary"]
+    first = next(iter(runs.values())).summary
     lines = [f"# Fine-tuning baselines: {args.model}, single mode, first {first['n'].get('rewrite/es', '?')} "
              f"records of {Path(args.data).name}", "",
              (f"runs: {env['command']}" if env["device"] == "see note" else
               f"device: {env['device']} {env['gpu'] or env['cpu']}, torch threads {env['threads']}; "
-              f"`{env['command']}`"), "",
-             "| metric | pre | " + " | ".join(names) + " |", "| --- | ---: |" + " ---: |" * len(names)]
-    for key in METRICS:
-        if key not in first["post"] and key not in first["pre"]:
-            continue
-        pre = first["pre"].get(key)
-        lines.append(f"| {key} | {_fmt(pre, key)} | " + " | ".join(
-            _fmt(runs[n]["summary"]["post"].get(key), key) for n in names) + " |")
-    meta = {n: runs[n]["meta"] for n in names}
-    lines.append("| edit seconds / request | | " + " | ".join(f"{meta[n]['edit_seconds_mean']:.2f}" for n in names) + " |")
-    lines.append("| peak RSS MB (process) | | " + " | ".join(f"{meta[n]['peak_rss_mb']:.0f}" for n in names) + " |")
-    if any(meta[n].get("cuda_peak_mb") for n in names):
-        lines.append("| peak CUDA MB (edit) | | " + " | ".join(f"{meta[n]['cuda_peak_mb'] or 0:.0f}" for n in names) + " |")
-    lines.append("| eval wall seconds | | " + " | ".join(f"{meta[n].get('wall_seconds', 0):.0f}" for n in names) + " |")
-    lines += ["", "pre = the unedited model (same for every editor). ES/NS compare mean per-token NLL "
-              "(ROME); acc/exact are teacher-forced; gen is greedy generation; ppl on 4x256 tokens of held "
-              "Wikipedia text (after each single edit, pooled)."]
+              f"`{env['command']}`"), "", *compare_markdown(runs),
+             "", "pre = the unedited model (same for every editor). ES/NS compare mean per-token NLL "
+             "(ROME); acc/exact are teacher-forced; gen is greedy generation; ppl on 4x256 tokens of held "
+             "Wikipedia text (after each single edit, pooled)."]
     (out_dir / f"{args.name}.md").write_text("\n".join(lines) + "\n")
 
 

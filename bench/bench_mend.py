@@ -16,7 +16,6 @@ import argparse
 import csv
 import json
 import logging
-import math
 import platform
 import statistics
 import time
@@ -30,6 +29,7 @@ import kedit
 from kedit.data.encode import encode, model_inputs
 from kedit.data.loaders import load_requests, read_records
 from kedit.eval import evaluate
+from kedit.eval.results import fmt
 
 ROOT = Path(__file__).resolve().parents[1]
 KEYS = ["rewrite/es", "rewrite/exact", "rewrite/gen", "paraphrase/es", "paraphrase/exact", "paraphrase/gen",
@@ -138,17 +138,13 @@ def main() -> None:
     print(to_markdown(report))
 
 
-def _f(v) -> str:
-    return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.3f}"
-
-
 def to_markdown(r: dict) -> str:
     lines = [f"# MEND on {r['model']} ({r['device']}: {r['device_name']})", "",
              f"editor: `{r['editor']}`", "",
              "| set | n | " + " | ".join(KEYS) + " |", "|---|---|" + "---|" * len(KEYS)]
     for name, s in r["sets"].items():
         for when in ("pre", "post"):
-            lines.append(f"| {name} ({when}) | {s['n']} | " + " | ".join(_f(s[when].get(k)) for k in KEYS) + " |")
+            lines.append(f"| {name} ({when}) | {s['n']} | " + " | ".join(fmt(s[when].get(k), k) for k in KEYS) + " |")
     t = r["timing"]
     lines += ["", f"one-shot edit: {t['edit_s'] * 1e3:.1f} ms (median of {t['n_timed']}); base forward+backward: "
               f"{t['fwd_bwd_s'] * 1e3:.1f} ms; forward: {t['fwd_s'] * 1e3:.1f} ms; ratio edit / (fwd+bwd) = "
@@ -162,7 +158,7 @@ def to_markdown(r: dict) -> str:
             keys = [k for k in tr["val_curve"][0] if k != "step"]
             lines.append("|---|" + "---|" * len(keys))
             for v in tr["val_curve"]:
-                lines.append(f"| {v['step']} | " + " | ".join(_f(v.get(k)) for k in keys) + " |")
+                lines.append(f"| {v['step']} | " + " | ".join(fmt(v.get(k), k) for k in keys) + " |")
     return "\n".join(lines) + "\n"
 
 

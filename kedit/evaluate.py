@@ -1,10 +1,15 @@
 """``python -m kedit.evaluate``: edit a model with any editor and evaluate it honestly.
 
     python -m kedit.evaluate --model smollm2-135m --editor rome --config auto \\
-        --data counterfact-sample --mode single --limit 10
+        --data counterfact-sample --mode single --limit 10 --hparams.v_steps 10
 
 Prints a markdown table of pre- and post-edit scores, writes every number to a JSON file
 (``--out``), and optionally logs to W&B (``--wandb``) and plots the sequential curves (``--plot``).
+
+The command line is a jsonargparse parser, like ``python -m kedit.train``: the fields of
+:class:`kedit.eval.EvalConfig` are ``--eval.*`` and those of the editor's hyperparameter
+dataclass ``--hparams.*``, typed and documented by their docstrings
+(``python -m kedit.evaluate --editor rome --help`` lists ROME's).
 """
 
 from __future__ import annotations
@@ -16,7 +21,6 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 log = logging.getLogger("kedit.evaluate")
 
@@ -24,11 +28,14 @@ log = logging.getLogger("kedit.evaluate")
 class UsageError(Exception):
     """A command line that cannot run (e.g. an untrained MEND, an unwritable --out)."""
 
+
 EPILOG = """\
 --editor is a registry name (ft-l, ft-m, lora, rome, memit, alphaedit, mend, serac) or the path
 of a trained editor checkpoint (loaded with kedit.load_editor). Hyperparameters come from
---config (YAML of the editor's Hparams fields) and --hparams key=value overrides, parsed with
-the field types (e.g. --hparams layers=[5] lr=1e-4 num_steps=10).
+--config (YAML of the editor's Hparams fields, a shipped config's name, or auto), overridden
+field by field with --hparams.FIELD VALUE (e.g. --hparams.layers [5] --hparams.lr 1e-4);
+--editor NAME --help lists the fields. --eval.FIELD VALUE sets what is measured
+(e.g. --eval.fluency false --eval.ppl_docs 1).
 
 Metric keys are split/name: rewrite/* (efficacy, the edit prompt), paraphrase/* (generalization),
 neighborhood/* (specificity/locality), portability/*, fluency/ngram_entropy, general/ppl.
@@ -47,88 +54,69 @@ examples:
 """
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from kedit.data.loaders import FORMATS
-    from kedit.eval.runner import MODES
+def build_parser(hparams: type | None = None):
+    """The jsonargparse parser of ``python -m kedit.evaluate``; with ``hparams`` (an editor's
+    hyperparameter dataclass), its fields as ``--hparams.*``."""
+    from jsonargparse import ArgumentParser, set_parsing_settings
 
-    p = argparse.ArgumentParser(prog="python -m kedit.evaluate", description=__doc__.split("\n\n")[0],
-                                epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from kedit.data.loaders import FORMATS
+    from kedit.eval.runner import MODES, EvalConfig
+
+    set_parsing_settings(docstring_parse_attribute_docstrings=True)
+    p = ArgumentParser(prog="python -m kedit.evaluate", description=__doc__.split("\n\n")[0], epilog=EPILOG,
+                       formatter_class=_help_formatter(), exit_on_error=False)
     g = p.add_argument_group("what to edit")
     g.add_argument("--model", default="smollm2-135m",
                    help="offline model name, local HF folder, .gguf file or hub id (default: %(default)s)")
     g.add_argument("--editor", required=True, help="registry name or path to a trained editor checkpoint")
-    g.add_argument("--config", help="the editor's hyperparameters: a YAML file, a shipped config's name "
-                                    "(llama), or 'auto': the values tuned for --model that ship with kedit "
-                                    "(default: the dataclass defaults, the papers' values)")
-    g.add_argument("--hparams", nargs="*", default=[], metavar="KEY=VALUE",
-                   help="hyperparameter overrides, parsed with the field types")
+    g.add_argument("--config", type=str | None, default=None,
+                   help="the editor's hyperparameters: a YAML file, a shipped config's name (llama), or 'auto': "
+                        "the values tuned for --model that ship with kedit (default: the dataclass defaults, the "
+                        "papers' values); --hparams.FIELD overrides them")
     g.add_argument("--data", required=True,
                    help="edit requests: a dataset name (counterfact-sample: 48 records shipped with kedit; "
                         "counterfact[:dev|train], zsre[:dev|train], knowedit-zsre, mquake: from $KEDIT_DATA or "
                         "the hub) or a JSON / JSONL file (CounterFact, zsRE, KnowEdit, ...)")
     g.add_argument("--format", default="auto", choices=("auto", *FORMATS),
                    help="data format (default: detected from the records)")
-    g.add_argument("--limit", type=int, help="use the first N requests")
+    g.add_argument("--limit", type=int | None, default=None, help="use the first N requests")
     g.add_argument("--skip-bad", action="store_true", help="skip invalid records (reported) instead of failing")
 
     g = p.add_argument_group("how to edit")
     g.add_argument("--mode", choices=MODES, default="single",
                    help="single: edit/evaluate/restore each request; batch: chunks as one edit; "
                         "sequential: edits stacked one after another (default: %(default)s)")
-    g.add_argument("--batch-size", type=int,
+    g.add_argument("--batch-size", type=int | None, default=None,
                    help="requests per edit (batch: default all; sequential: default 1; single: 1)")
     g.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
     g.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     g.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16", "fp32", "bf16", "fp16"),
                    help="model dtype (default: %(default)s)")
-    g.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    g.add_argument("--threads", type=int | None, default=None, help="torch CPU threads (default: torch's choice)")
 
-    g = p.add_argument_group("what to measure")
-    g.add_argument("--eval-batch-size", type=int, default=32, help="prompts per forward/generate batch")
-    g.add_argument("--no-generation", action="store_true", help="skip generation-based success")
-    g.add_argument("--no-fluency", action="store_true", help="skip n-gram entropy of generations")
-    g.add_argument("--fluency-tokens", type=int, default=64, help="tokens generated per generation prompt")
-    g.add_argument("--generation-prompts", type=int, help="at most this many distinct generation prompts per request")
-    g.add_argument("--no-perplexity", action="store_true", help="skip perplexity on held text")
-    g.add_argument("--ppl-path", help="held text for perplexity (JSONL with 'text', or plain text); "
-                                      "default: the Wikipedia sample shipped with kedit")
-    g.add_argument("--ppl-docs", type=int, default=4, help="documents of held text (default: %(default)s)")
-    g.add_argument("--ppl-tokens", type=int, default=256, help="tokens per document (default: %(default)s)")
-    g.add_argument("--curve-every", type=int, default=0,
-                   help="sequential: measure the retention/perplexity curve every N edits (default: ~10 points)")
+    p.add_class_arguments(EvalConfig, "eval")
+    if hparams is not None:
+        p.add_class_arguments(hparams, "hparams")
 
     g = p.add_argument_group("outputs")
-    g.add_argument("--out", help="JSON results file (default: outputs/eval/<editor>-<mode>-<time>.json)")
+    g.add_argument("--out", type=str | None, default=None,
+                   help="JSON results file (default: outputs/eval/<editor>-<mode>-<time>.json)")
     g.add_argument("--plot", nargs="?", const="", default=None, metavar="PNG",
                    help="plot the sequential curves to PNG (default path: next to --out)")
-    g.add_argument("--wandb", action="store_true", help="log to Weights & Biases (offline when no API key)")
+    g.add_argument("--wandb", action="store_true",
+                   help="log to Weights & Biases (offline unless WANDB_API_KEY or `wandb login` is set up)")
     g.add_argument("--wandb-project", default="kedit", help="W&B project (default: %(default)s)")
     g.add_argument("--quiet", action="store_true", help="no progress bar, warnings only")
     return p
 
 
-def parse_overrides(cls: type, items: list[str]) -> dict[str, Any]:
-    """``["lr=1e-4", "layers=[5]"]`` -> typed values of ``cls``'s dataclass fields."""
-    if not items:
-        return {}
-    from jsonargparse import ArgumentParser
+def _help_formatter():
+    from jsonargparse import DefaultHelpFormatter
 
-    names = {f.name for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else set()
-    pairs = []
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise SystemExit(f"--hparams: expected KEY=VALUE, got {item!r}")
-        if key not in names:
-            raise SystemExit(f"--hparams: {cls.__name__} has no field {key!r}; fields: {', '.join(sorted(names))}")
-        pairs.append((key, value))
-    parser = ArgumentParser(exit_on_error=False)
-    parser.add_class_arguments(cls, nested_key=None, fail_untyped=False)
-    try:
-        ns = parser.parse_args([f"--{k}={v}" for k, v in pairs])
-    except Exception as err:
-        raise SystemExit(f"--hparams: {err}") from None
-    return {k: ns[k] for k, _ in pairs}
+    class HelpFormatter(DefaultHelpFormatter, argparse.RawDescriptionHelpFormatter):
+        """jsonargparse's help, with the epilog's line breaks kept."""
+
+    return HelpFormatter
 
 
 TRAINED_ONLY = {
@@ -145,22 +133,31 @@ def refuse_untrained(spec: str) -> None:
         raise UsageError(f"--editor {spec}: {TRAINED_ONLY[spec.lower()]}")
 
 
-def make_editor(spec: str, config: str | None, overrides: list[str], model):
-    """A registry editor (with config/overrides), or a trained one from a checkpoint path."""
-    import kedit
+def registry_hparams(spec: str) -> type | None:
+    """The hyperparameter dataclass of registry editor ``spec``; None for a checkpoint path.
+    UsageError when it is neither."""
     from kedit.editors.base import EDITORS, editor_class
 
-    path = Path(spec)
-    if spec.lower() not in EDITORS and path.exists():
-        if config or overrides:
-            raise SystemExit("--config/--hparams do not apply to a trained editor checkpoint")
-        return kedit.load_editor(path, model)
-    if spec.lower() not in EDITORS:
-        raise SystemExit(f"--editor {spec!r}: neither a registered editor ({', '.join(sorted(EDITORS))}) "
-                         f"nor an existing checkpoint path")
-    refuse_untrained(spec)
-    cls = editor_class(spec)
-    return kedit.editor(spec, config=config, model=model, **parse_overrides(cls.Hparams, overrides))
+    if spec.lower() in EDITORS:
+        return editor_class(spec).Hparams
+    if Path(spec).exists():
+        return None
+    raise UsageError(f"--editor {spec!r}: neither a registered editor ({', '.join(sorted(EDITORS))}) "
+                     f"nor an existing checkpoint path")
+
+
+def make_editor(args, parser, argv: list[str], model):
+    """A registry editor: ``--config``'s values are the defaults of ``--hparams.*`` and the command
+    line overrides them; or a trained editor from a checkpoint path."""
+    import kedit
+    from kedit.editors.base import editor_class
+
+    if not hasattr(args, "hparams"):
+        return kedit.load_editor(Path(args.editor), model)
+    base = kedit.editor(args.editor, config=args.config, model=model).hparams
+    parser.set_defaults({f"hparams.{f.name}": getattr(base, f.name) for f in dataclasses.fields(base)})
+    hparams = parser.instantiate(_parse(parser, argv)).hparams
+    return editor_class(args.editor)(hparams)
 
 
 def _device(spec: str) -> str:
@@ -169,60 +166,6 @@ def _device(spec: str) -> str:
     if spec == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     return spec
-
-
-def plot_curves(results, path: str | Path) -> Path:
-    """PNG of the sequential retention curves (left axis) and perplexity (right axis)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    curves = results.curves
-    if not curves:
-        raise ValueError("no curves to plot (only sequential mode records them)")
-    x = [c["n_edits"] for c in curves]
-    fig, ax = plt.subplots(figsize=(7, 4))
-    keys = [k for k in curves[-1] if ":" in k]
-    for key in keys:
-        ax.plot(x, [c.get(key, float("nan")) for c in curves], marker="o", label=key)
-    from matplotlib.ticker import MaxNLocator
-
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_xlabel("edits applied")
-    ax.set_ylabel("success rate")
-    ax.set_ylim(-0.02, 1.02)
-    ax2 = ax.twinx()
-    ax2.plot(x, [c.get("general/ppl", float("nan")) for c in curves], "k--", marker="s", label="perplexity")
-    ax2.set_ylabel("perplexity (held text)")
-    lines = ax.get_legend_handles_labels()
-    lines2 = ax2.get_legend_handles_labels()
-    ax.legend(lines[0] + lines2[0], lines[1] + lines2[1], fontsize=7, loc="lower left")
-    ax.set_title(f"{results.meta.get('editor_name')} on {results.meta.get('model')}: sequential editing")
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
-
-
-def log_wandb(results, args: argparse.Namespace) -> None:
-    import wandb
-
-    mode = "online" if (os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_MODE") == "online") else "offline"
-    if os.environ.get("WANDB_MODE") in ("offline", "disabled"):
-        mode = os.environ["WANDB_MODE"]
-    run = wandb.init(project=args.wandb_project, mode=mode, config={**vars(args), "meta": {
-        k: v for k, v in results.meta.items() if k not in ("edit_seconds", "metrics")}},
-        name=f"{results.meta['editor_name']}-{results.meta['mode']}")
-    flat = {f"{side}/{k}": v for side in ("pre", "post") for k, v in results.summary[side].items()}
-    flat.update({"edit_seconds_mean": results.meta.get("edit_seconds_mean"),
-                 "peak_rss_mb": results.meta.get("peak_rss_mb")})
-    run.summary.update({k: v for k, v in flat.items() if v is not None})
-    for point in results.curves:
-        run.log({f"curve/{k}": v for k, v in point.items() if k != "n_edits"}, step=point["n_edits"])
-    run.finish()
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
@@ -240,9 +183,9 @@ def main(argv: list[str] | None = None) -> int:
     """Run the evaluation; an expected user error is one line on stderr and exit code 2."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
-        return _main(argv)
+        return _main(sys.argv[1:] if argv is None else list(argv))
     except SystemExit as err:
-        if not isinstance(err.code, str):  # argparse: --help (0) or a usage error already printed (2)
+        if not isinstance(err.code, str):  # --help (0)
             raise
         message = err.code
     except _user_errors() as err:
@@ -252,7 +195,27 @@ def main(argv: list[str] | None = None) -> int:
     return 2
 
 
-def _out_path(args: argparse.Namespace) -> Path:
+def _parse(parser, argv: list[str]):
+    """``parser.parse_args``; what it refuses becomes a one-line UsageError."""
+    from jsonargparse import ArgumentError
+
+    try:
+        return parser.parse_args(argv)
+    except ArgumentError as err:
+        message = " ".join(str(err).split())
+        if "hparams" in message:
+            message += " (--hparams.FIELD VALUE sets a field; --editor NAME --help lists them)"
+        raise UsageError(message) from None
+
+
+def _editor_arg(argv: list[str]) -> str | None:
+    """``--editor``'s value, read before the full parser (whose ``--hparams.*`` depend on it)."""
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    pre.add_argument("--editor")
+    return pre.parse_known_args(argv)[0].editor
+
+
+def _out_path(args) -> Path:
     """``--out``, or outputs/eval/<editor>-<mode>-<time>.json; checked writable before the run."""
     from kedit.atomic import check_writable
 
@@ -265,15 +228,19 @@ def _out_path(args: argparse.Namespace) -> Path:
     return out
 
 
-def _main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def _main(argv: list[str]) -> int:
+    spec = _editor_arg(argv)
+    hparams = registry_hparams(spec) if spec else None
+    if spec and hparams is None and any(a.startswith(("--config", "--hparams")) for a in argv):
+        raise UsageError("--config/--hparams do not apply to a trained editor checkpoint")
+    parser = build_parser(hparams)
+    args = _parse(parser, argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     import torch
 
-    from kedit.atomic import atomic_write_text
     from kedit.data.loaders import load_requests_with_report
-    from kedit.eval import EvalConfig, evaluate
+    from kedit.eval import evaluate
     from kedit.models import load_model
 
     if args.threads:
@@ -286,20 +253,24 @@ def _main(argv: list[str] | None = None) -> int:
     if args.skip_bad and hasattr(report, "summary"):
         log.info("%s", report.summary())
     if not requests:
-        raise SystemExit(f"{args.data}: no edit requests")
-    device = _device(args.device)
-    model, tok = load_model(args.model, dtype=args.dtype, device=device)
-    editor = make_editor(args.editor, args.config, args.hparams, model)
-    cfg = EvalConfig(batch_size=args.eval_batch_size, generation=not args.no_generation,
-                     fluency=not args.no_fluency, fluency_new_tokens=args.fluency_tokens,
-                     max_generation_prompts=args.generation_prompts, perplexity=not args.no_perplexity,
-                     ppl_path=args.ppl_path, ppl_docs=args.ppl_docs, ppl_tokens=args.ppl_tokens,
-                     curve_every=args.curve_every)
-    results = evaluate(model, tok, editor, requests, mode=args.mode, batch_size=args.batch_size, config=cfg,
-                       progress=not args.quiet)
-    results.meta.update(data=str(args.data), seed=args.seed, argv=sys.argv[1:] if argv is None else argv)
+        raise UsageError(f"{args.data}: no edit requests")
+    model, tok = load_model(args.model, dtype=args.dtype, device=_device(args.device))
+    editor = make_editor(args, parser, argv, model)
+    results = evaluate(model, tok, editor, requests, mode=args.mode, batch_size=args.batch_size,
+                       config=parser.instantiate(args).eval, progress=not args.quiet)
+    results.meta.update(data=str(args.data), seed=args.seed, argv=argv)
 
-    title = f"{results.meta['editor_name']} · {args.mode} · {len(requests)} requests · {Path(args.data).name}"
+    _report(results, args, out)
+    return 0
+
+
+def _report(results, args, out: Path) -> None:
+    """The table on stdout, the JSON file, then the plot and W&B if asked for."""
+    from kedit.atomic import atomic_write_text
+    from kedit.eval.results import log_wandb, plot_curves
+
+    meta = results.meta
+    title = f"{meta['editor_name']} · {args.mode} · {meta['n_requests']} requests · {Path(args.data).name}"
     sys.stdout.write(results.to_markdown(title))  # before writing: a failed write keeps the table
     try:
         atomic_write_text(out, results.to_json() + "\n")
@@ -314,8 +285,7 @@ def _main(argv: list[str] | None = None) -> int:
         else:
             log.warning("--plot: only sequential mode records curves; nothing plotted")
     if args.wandb:
-        log_wandb(results, args)
-    return 0
+        log_wandb(results, args.wandb_project, config=args.as_dict())
 
 
 if __name__ == "__main__":

@@ -207,7 +207,8 @@ def test_fresh_copy_runs_demo_and_evaluate(fresh_copy, tmp_path, smollm2):
 
     out = tmp_path / "eval.json"
     ev = subprocess.run([sys.executable, "-m", "kedit.evaluate", "--editor", "ft-m", "--config", "auto",
-                         "--data", "counterfact-sample", "--limit", "2", "--no-fluency", "--ppl-docs", "1",
+                         "--data", "counterfact-sample", "--limit", "2", "--eval.fluency", "false",
+                         "--eval.ppl_docs", "1",
                          "--quiet", "--threads", "1", "--out", str(out)], **run)
     assert ev.returncode == 0, ev.stderr[-3000:]
     result = json.loads(out.read_text())

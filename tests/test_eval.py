@@ -17,7 +17,8 @@ from kedit.editors.base import Edit, Editor, WeightDelta, base_identity
 from kedit.eval import (EvalConfig, Perplexity, Rate, RestoreError, Results, evaluate, generation_match,
                         kl_divergence, mean_ngram_entropy, ngram_entropy, normalize_answer, prob_greater,
                         token_accuracy, top1_agreement)
-from kedit.eval.runner import _curve_checkpoints, _Scorer, fingerprint
+from kedit.eval.runner import _curve_checkpoints, fingerprint
+from kedit.eval.scorer import Scorer, queries
 from kedit.eval.scoring import generate, load_texts, next_token_logprobs, score_targets
 from kedit.models import arch_of
 
@@ -331,7 +332,7 @@ def test_results_outputs_and_reuse(tiny, ppl_text, tmp_path):
 
 def test_encoder_decoder_is_scored(tiny, ppl_text):
     model, tok = tiny("t5")
-    scorer = _Scorer(model, tok, EvalConfig(fluency_new_tokens=4, ppl_path=ppl_text))
+    scorer = Scorer(model, tok, EvalConfig(fluency_new_tokens=4, ppl_path=ppl_text))
     out, refs = scorer.score(REQUESTS[:2])
     assert out[0]["neighborhood/kl"] == 0.0 and 0.0 <= out[0]["rewrite/acc"] <= 1.0
     assert math.isnan(scorer.perplexity()[0])  # perplexity is defined for decoder-only models
@@ -341,9 +342,38 @@ def test_encoder_decoder_is_scored(tiny, ppl_text):
     assert torch.allclose(folded, alone[[1, 0]], atol=1e-5)
 
 
-def test_bad_mode_and_empty():
+def test_query_rows_and_identical_rows_scored_once(tiny, monkeypatch):
+    """One row per (prompt, target, kind) in the reference order; a group with a repeated
+    request runs each distinct row once and scores both copies like the request alone."""
+    import kedit.eval.scorer as scorer_mod
+
+    r = REQUESTS[0]
+    rows = queries([r])
+    assert [(q.split, q.kind) for q in rows[:3]] == [("rewrite", "new"), ("rewrite", "true"), ("rewrite", "gen")]
+    assert [(q.kind, q.target) for q in rows if q.split == "neighborhood"][:3] == [
+        ("true", "Berlin"), ("new", "Rome"), ("gen", "Berlin")]
+    assert [q.split for q in queries([r], light=True, generation=False)] == ["rewrite", "rewrite"]
+    forced = len({(q.prompt, q.target) for q in rows if q.kind != "gen"})
+    assert forced == sum(q.kind != "gen" for q in rows) - 1  # "Italy ... Rome" is both the true and the new answer
+    model, tok = tiny("llama")
+    seen, real = [], scorer_mod.score_targets
+    monkeypatch.setattr(scorer_mod, "score_targets", lambda m, t, prompts, *a, **k: seen.append(len(prompts))
+                        or real(m, t, prompts, *a, **k))
+    scorer = Scorer(model, tok, EvalConfig(perplexity=False, fluency=False))
+    alone, _ = scorer.score([r])
+    twice, refs = scorer.score([r, r])
+    assert seen == [forced, forced]
+    assert twice[0] == twice[1] == pytest.approx(alone[0], nan_ok=True)
+    assert torch.equal(refs[0].next_logp, refs[1].next_logp) and refs[0].next_logp.shape[0] == len(r.neighborhood)
+
+
+def test_bad_mode_and_empty(tiny):
+    model, tok = tiny("llama")
     with pytest.raises(ValueError, match="unknown mode"):
-        evaluate(None, None, Boost(), REQUESTS, mode="parallel")
+        evaluate(model, tok, Boost(), REQUESTS, mode="parallel")
+    for empty in ([], ()):
+        with pytest.raises(ValueError, match="no requests to evaluate"):
+            evaluate(model, tok, Boost(), empty, progress=False)
 
 
 # --------------------------------------------------------------------------- CLI
@@ -373,23 +403,30 @@ def test_cli_smoke(cli_files, tmp_path, capsys, ppl_text):
     from kedit.evaluate import main
 
     out = tmp_path / "res.json"
-    argv = ["--model", str(cli_files[0]), "--editor", "ft-m", "--hparams", "num_steps=3", "lr=1e-2",
+    argv = ["--model", str(cli_files[0]), "--editor", "ft-m", "--hparams.num_steps", "3", "--hparams.lr=1e-2",
             "--data", str(cli_files[1]), "--mode", "sequential", "--limit", "3", "--out", str(out),
-            "--plot", str(tmp_path / "curve.png"), "--ppl-path", ppl_text, "--ppl-tokens", "32",
-            "--fluency-tokens", "8", "--quiet", "--device", "cpu"]
+            "--plot", str(tmp_path / "curve.png"), "--eval.ppl_path", ppl_text, "--eval.ppl_tokens", "32",
+            "--eval.fluency_new_tokens", "8", "--quiet", "--device", "cpu"]
     assert main(argv) == 0
     stdout = capsys.readouterr().out
     assert "| metric | pre | post | n |" in stdout and "rewrite/es" in stdout
     data = json.loads(out.read_text())
     assert data["meta"]["n_requests"] == 3 and data["meta"]["hparams"]["num_steps"] == 3
+    assert data["meta"]["hparams"]["lr"] == 1e-2 and data["meta"]["config"]["ppl_tokens"] == 32
     assert data["meta"]["mode"] == "sequential" and len(data["curves"]) >= 2
     assert (tmp_path / "curve.png").stat().st_size > 0
-    assert main(argv[:4] + ["--hparams", "nonsense=1"] + argv[6:]) == 2
-    assert "error: --hparams: FTMHparams has no field 'nonsense'" in capsys.readouterr().err
+    assert main(argv[:4] + ["--hparams.nonsense", "1"] + argv[8:]) == 2
+    _one_line_error(capsys, "unrecognized arguments: --hparams.nonsense 1", "--editor NAME --help lists them")
+    assert main(argv[:4] + ["--hparams.num_steps", "many"] + argv[8:]) == 2
+    _one_line_error(capsys, 'Parser key "hparams.num_steps"', "many")
     with pytest.raises(SystemExit) as exc:
         main(["--help"])
     assert exc.value.code == 0
     assert "--editor" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exc:
+        main(["--editor", "ft-m", "--help"])
+    assert exc.value.code == 0
+    assert "--hparams.num_steps" in capsys.readouterr().out  # the editor's hyperparameters are the CLI
 
 
 def _one_line_error(capsys, *parts: str) -> str:
@@ -400,7 +437,7 @@ def _one_line_error(capsys, *parts: str) -> str:
     return err
 
 
-@pytest.mark.parametrize("case", ["model", "untrained mend", "data", "bad record", "out"])
+@pytest.mark.parametrize("case", ["model", "untrained mend", "unknown editor", "data", "bad record", "out"])
 def test_cli_user_errors_are_one_line(cli_files, tmp_path, capsys, monkeypatch, case):
     """Expected user errors: exit code 2 and one line naming the problem, before any work."""
     import kedit.eval
@@ -415,6 +452,7 @@ def test_cli_user_errors_are_one_line(cli_files, tmp_path, capsys, monkeypatch, 
     change, parts = {
         "model": ({"--model": "nosuch-model"}, ["no model 'nosuch-model'", "smollm2-135m, gemma3-270m"]),
         "untrained mend": ({"--editor": "mend"}, ["--editor mend", "checkpoints/mend-smollm2-135m-counterfact"]),
+        "unknown editor": ({"--editor": "nosuch"}, ["--editor 'nosuch': neither a registered editor"]),
         "data": ({"--data": str(tmp_path / "none.json")}, ["no data file at"]),
         "bad record": ({"--data": str(tmp_path / "bad.json")}, ["record 0, field 'target_new'", "lone surrogate"]),
         "out": ({"--out": str(blocker / "r.json")}, [f"--out {blocker / 'r.json'}: cannot write"]),
@@ -434,13 +472,50 @@ def test_cli_prints_the_table_before_writing(cli_files, tmp_path, capsys, monkey
 
     monkeypatch.setattr(kedit.atomic, "atomic_write_text", full_disk)
     out = tmp_path / "res.json"
-    argv = ["--model", str(cli_files[0]), "--editor", "ft-m", "--hparams", "num_steps=1", "--data", str(cli_files[1]),
-            "--limit", "1", "--out", str(out), "--no-perplexity", "--no-generation", "--no-fluency", "--quiet",
-            "--device", "cpu"]
+    argv = ["--model", str(cli_files[0]), "--editor", "ft-m", "--hparams.num_steps", "1", "--data", str(cli_files[1]),
+            "--limit", "1", "--out", str(out), "--eval.perplexity", "false", "--eval.generation", "false",
+            "--eval.fluency", "false", "--quiet", "--device", "cpu"]
     assert main(argv) == 2
     captured = capsys.readouterr()
     assert "| metric | pre | post | n |" in captured.out and not out.exists()
     assert "No space left on device" in captured.err and "the table above has them" in captured.err
+
+
+@pytest.mark.parametrize("login", [False, True])
+def test_wandb_goes_online_after_wandb_login(tmp_path, monkeypatch, login):
+    """W&B logging of an evaluation is online when `wandb login` wrote ~/.netrc, offline without."""
+    import sys
+    import types
+
+    from kedit.eval.results import log_wandb
+
+    for var in ("WANDB_API_KEY", "WANDB_MODE", "WANDB_BASE_URL"):
+        monkeypatch.delenv(var, raising=False)
+    netrc = tmp_path / "netrc"
+    netrc.write_text("machine api.wandb.ai\n  login user\n  password key\n" if login else "")
+    netrc.chmod(0o600)
+    monkeypatch.setenv("NETRC", str(netrc))
+    calls = {}
+
+    class Run:
+        summary: dict = {}
+
+        def log(self, values, step):
+            calls.setdefault("steps", []).append(step)
+
+        def finish(self):
+            calls["finished"] = True
+
+    def init(**kwargs):
+        calls.update(kwargs)
+        return Run()
+
+    monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(init=init))
+    res = Results(summary={"pre": {"rewrite/es": 0.0}, "post": {"rewrite/es": 1.0}}, curves=[{"n_edits": 1}],
+                  meta={"editor_name": "Boost", "mode": "sequential"})
+    log_wandb(res, "proj", config={"editor": "boost"})
+    assert calls["mode"] == ("online" if login else "offline") and calls["project"] == "proj"
+    assert calls["config"]["editor"] == "boost" and calls["steps"] == [1] and calls["finished"]
 
 
 # --------------------------------------------------------------------------- real model
@@ -453,9 +528,9 @@ def test_real_model_pre_edit_scores(smollm2):
     model, tok = smollm2
     req = EditRequest(prompt="The capital of France is", subject="France", target_new="Rome", target_true="Paris",
                       neighborhood=[Probe("The capital of Germany is", "Berlin")])
-    out, _ = _Scorer(model, tok, EvalConfig(perplexity=False, fluency=False)).score([req])
+    out, _ = Scorer(model, tok, EvalConfig(perplexity=False, fluency=False)).score([req])
     m = out[0]
     assert m["rewrite/es"] == 0.0 and m["rewrite/gen"] == 0.0 and m["rewrite/p_new"] < 0.05
     assert m["neighborhood/ns"] == 1.0 and m["neighborhood/gen"] == 1.0 and m["neighborhood/acc"] == 1.0
     ok = EditRequest(prompt="The capital of France is", target_new="Paris")
-    assert _Scorer(model, tok, EvalConfig(perplexity=False, fluency=False)).score([ok])[0][0]["rewrite/gen"] == 1.0
+    assert Scorer(model, tok, EvalConfig(perplexity=False, fluency=False)).score([ok])[0][0]["rewrite/gen"] == 1.0

@@ -19,6 +19,13 @@ import torch
 from torch import Tensor
 from torchmetrics import Metric
 
+
+def nanmean(values: Sequence[float]) -> float:
+    """Mean of the values that are not NaN (NaN when none is)."""
+    values = [v for v in values if not math.isnan(v)]
+    return sum(values) / len(values) if values else float("nan")
+
+
 # --------------------------------------------------------------------------- teacher forcing
 
 

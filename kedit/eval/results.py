@@ -1,12 +1,18 @@
-"""The result of an evaluation run: summary (pre/post), per-request scores, curves, meta."""
+"""The result of an evaluation run (summary pre/post, per-request scores, curves, meta) and
+what is made of it: markdown tables, a table comparing runs, curve plots, W&B logging."""
 
 from __future__ import annotations
 
 import json
+import logging
 import math
+import os
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 # Display order and one-line meaning of each metric key (``split/name``).
 METRICS: dict[str, str] = {
@@ -33,7 +39,8 @@ METRICS: dict[str, str] = {
 LOWER_IS_BETTER = {"neighborhood/kl", "general/ppl"}
 
 
-def _fmt(value: Any, key: str = "") -> str:
+def fmt(value: Any, key: str = "") -> str:
+    """A metric value as the tables show it ("-" for none or NaN)."""
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "-"
     if key == "general/ppl" or key.endswith("entropy"):
@@ -100,7 +107,7 @@ class Results:
             a, b = pre.get(key, float("nan")), post.get(key, float("nan"))
             if all(isinstance(v, float) and math.isnan(v) for v in (a, b)):
                 continue
-            rows.append((key, _fmt(a, key), _fmt(b, key), str(int(n.get(key, 0))) if key in n else "-"))
+            rows.append((key, fmt(a, key), fmt(b, key), str(int(n.get(key, 0))) if key in n else "-"))
         return rows
 
     def to_markdown(self, title: str | None = None) -> str:
@@ -113,7 +120,7 @@ class Results:
         lines += [f"| {k} | {a} | {b} | {n} |" for k, a, b, n in self.table_rows()]
         lines.append("")
         facts = []
-        for label, key, fmt in (("mode", "mode", "{}"), ("editor", "editor_name", "{}"), ("model", "model", "{}"),
+        for label, key, form in (("mode", "mode", "{}"), ("editor", "editor_name", "{}"), ("model", "model", "{}"),
                                 ("requests", "n_requests", "{}"), ("edits", "n_edits", "{}"),
                                 ("edit s (mean)", "edit_seconds_mean", "{:.2f}"),
                                 ("edit s (total)", "edit_seconds_total", "{:.1f}"),
@@ -121,13 +128,94 @@ class Results:
                                 ("peak RSS MB", "peak_rss_mb", "{:.0f}"),
                                 ("peak CUDA MB (edit)", "cuda_peak_mb", "{:.0f}"), ("device", "device", "{}")):
             if m.get(key) is not None:
-                facts.append(f"{label}: {fmt.format(m[key])}")
+                facts.append(f"{label}: {form.format(m[key])}")
         if facts:
             lines.append("; ".join(facts))
         if self.curves:
             keys = [k for k in self.curves[-1] if k != "n_edits"]
             lines += ["", "| edits | " + " | ".join(keys) + " |", "| ---: |" + " ---: |" * len(keys)]
             for point in self.curves:
-                lines.append(f"| {point['n_edits']} | " + " | ".join(_fmt(point.get(k), k.split(':')[-1])
+                lines.append(f"| {point['n_edits']} | " + " | ".join(fmt(point.get(k), k.split(':')[-1])
                                                                      for k in keys) + " |")
         return "\n".join(lines) + "\n"
+
+
+def compare_markdown(runs: Mapping[str, Results]) -> list[str]:
+    """Markdown rows comparing runs on the same requests: one column of pre-edit scores (the
+    first run's) and one column of post-edit scores per run, then edit time and memory."""
+    names = list(runs)
+    first = runs[names[0]].summary
+    lines = ["| metric | pre | " + " | ".join(names) + " |", "| --- | ---: |" + " ---: |" * len(names)]
+    for key in METRICS:
+        if key in first.get("post", {}) or key in first.get("pre", {}):
+            lines.append(f"| {key} | {fmt(first['pre'].get(key), key)} | "
+                         + " | ".join(fmt(runs[n].summary["post"].get(key), key) for n in names) + " |")
+    meta = {n: runs[n].meta for n in names}
+    for label, key, form in (("edit seconds / request", "edit_seconds_mean", "{:.2f}"),
+                             ("peak RSS MB (process)", "peak_rss_mb", "{:.0f}"),
+                             ("peak CUDA MB (edit)", "cuda_peak_mb", "{:.0f}"),
+                             ("eval wall seconds", "wall_seconds", "{:.0f}")):
+        if any(meta[n].get(key) is not None for n in names):
+            lines.append(f"| {label} | | " + " | ".join(
+                "-" if meta[n].get(key) is None else form.format(meta[n][key]) for n in names) + " |")
+    return lines
+
+
+def plot_curves(results: Results, path: str | Path) -> Path:
+    """PNG of the sequential retention curves (left axis) and perplexity (right axis)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    curves = results.curves
+    if not curves:
+        raise ValueError("no curves to plot (only sequential mode records them)")
+    x = [c["n_edits"] for c in curves]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for key in [k for k in curves[-1] if ":" in k]:
+        ax.plot(x, [c.get(key, float("nan")) for c in curves], marker="o", label=key)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("edits applied")
+    ax.set_ylabel("success rate")
+    ax.set_ylim(-0.02, 1.02)
+    ax2 = ax.twinx()
+    ax2.plot(x, [c.get("general/ppl", float("nan")) for c in curves], "k--", marker="s", label="perplexity")
+    ax2.set_ylabel("perplexity (held text)")
+    lines, lines2 = ax.get_legend_handles_labels(), ax2.get_legend_handles_labels()
+    ax.legend(lines[0] + lines2[0], lines[1] + lines2[1], fontsize=7, loc="lower left")
+    ax.set_title(f"{results.meta.get('editor_name')} on {results.meta.get('model')}: sequential editing")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def log_wandb(results: Results, project: str, config: Mapping[str, Any] | None = None) -> None:
+    """Log a run to W&B: summary pre/post, edit time, memory, and the curves by edit count.
+
+    Online when ``WANDB_API_KEY`` is set or ``wandb login`` wrote ~/.netrc (as the trainers'
+    :class:`kedit.lightning.common.WandbLogger`), else offline (``wandb sync`` uploads it later);
+    ``WANDB_MODE`` in the environment wins over both."""
+    from kedit.lightning.common import wandb_key_configured
+    from kedit.lightning.wandb_tmp import import_wandb
+
+    import_wandb()
+    import wandb
+
+    mode = None if os.environ.get("WANDB_MODE") else "online" if wandb_key_configured() else "offline"
+    if mode == "offline":
+        log.info("no W&B key configured: logging offline (upload later with `wandb sync`)")
+    meta = {k: v for k, v in results.meta.items() if k not in ("edit_seconds", "metrics")}
+    run = wandb.init(project=project, mode=mode, config={**(config or {}), "meta": meta},
+                     name=f"{results.meta['editor_name']}-{results.meta['mode']}")
+    flat = {f"{side}/{k}": v for side in ("pre", "post") for k, v in results.summary[side].items()}
+    flat.update({"edit_seconds_mean": results.meta.get("edit_seconds_mean"),
+                 "peak_rss_mb": results.meta.get("peak_rss_mb")})
+    run.summary.update({k: v for k, v in flat.items() if v is not None})
+    for point in results.curves:
+        run.log({f"curve/{k}": v for k, v in point.items() if k != "n_edits"}, step=point["n_edits"])
+    run.finish()

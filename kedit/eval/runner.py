@@ -25,7 +25,7 @@ import resource
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, is_dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -34,12 +34,12 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from kedit import paths
 from kedit.data.request import EditRequest
 from kedit.editors.base import Edit, Editor, EditStack
 from kedit.eval import metrics as M
 from kedit.eval.results import METRICS, Results
-from kedit.eval.scoring import answer_budget, corpus_nll, generate, load_texts, model_device, score_targets
+from kedit.eval.scorer import Ref, Scorer
+from kedit.eval.scoring import model_device
 
 log = logging.getLogger(__name__)
 
@@ -119,183 +119,252 @@ class RestoreError(RuntimeError):
     """The model is not bit-exactly the original after an edit was restored."""
 
 
-# --------------------------------------------------------------------------- scoring requests
+# --------------------------------------------------------------------------- evaluate
 
 
-@dataclass
-class _Ref:
-    """Pre-edit reference of one request: next-token log-probs and argmax tokens on its
-    neighborhood prompts."""
+def evaluate(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    editor: Editor,
+    requests: Any,
+    mode: str = "single",
+    batch_size: int | None = None,
+    config: EvalConfig | None = None,
+    progress: bool = True,
+    on_result: Callable[[int, dict[str, Any]], None] | None = None,
+    reuse_pre: Results | None = None,
+    on_curve: Callable[[dict[str, Any]], None] | None = None,
+    **overrides: Any,
+) -> Results:
+    """Edit and evaluate ``requests`` in ``mode``; the model is returned unedited (checked).
 
-    next_logp: Tensor
-    top1: list[Tensor]
-
-
-def _nanmean(values: Sequence[float]) -> float:
-    values = [v for v in values if not math.isnan(v)]
-    return sum(values) / len(values) if values else float("nan")
-
-
-class _Scorer:
-    """Scores groups of requests on the model as it is now."""
-
-    def __init__(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, cfg: EvalConfig):
-        self.model, self.tok, self.cfg = model, tokenizer, cfg
-        self.texts: list[str] = []
-        if cfg.perplexity:
-            self.texts = load_texts(paths.held_text(cfg.ppl_path), cfg.ppl_docs)
-
-    def perplexity(self) -> tuple[float, int]:
-        if not self.texts:
-            return float("nan"), 0
-        return corpus_nll(self.model, self.tok, self.texts, self.cfg.ppl_tokens)
-
-    def score(self, requests: Sequence[EditRequest], refs: list[_Ref] | None = None,
-              light: bool = False, generation: bool | None = None) -> tuple[list[dict[str, float]], list[_Ref]]:
-        """Per-request metrics. ``refs`` are the pre-edit references (None: this is the pre-edit
-        pass, whose own distributions become the references). ``light``: only the rewrite metrics
-        (for curves). ``generation`` overrides ``EvalConfig.generation``."""
-        cfg = self.cfg
-        use_gen = cfg.generation if generation is None else generation
-        pairs: list[tuple[str, str]] = []   # teacher-forced (prompt, target)
-        slots: list[dict[str, Any]] = []    # per request: indices into pairs / gens
-        gens: list[tuple[str, str]] = []    # generation (prompt, expected)
-
-        def add(prompt: str, target: str | None) -> int | None:
-            if target is None:
-                return None
-            pairs.append((prompt, target))
-            return len(pairs) - 1
-
-        def add_gen(prompt: str, target: str) -> int | None:
-            if not use_gen:
-                return None
-            gens.append((prompt, target))
-            return len(gens) - 1
-
-        for r in requests:
-            s: dict[str, Any] = {"rewrite": [], "paraphrase": [], "neighborhood": [], "portability": []}
-            prompts = [("rewrite", r.prompt)] + ([] if light else [("paraphrase", p) for p in r.paraphrase_prompts])
-            for split, p in prompts:
-                s[split].append({"new": add(p, r.target_new), "true": add(p, r.target_true),
-                                 "gen": add_gen(p, r.target_new)})
-            if not light:
-                for probe in r.neighborhood:
-                    s["neighborhood"].append({"true": add(probe.prompt, probe.answer),
-                                              "new": add(probe.prompt, r.target_new),
-                                              "gen": add_gen(probe.prompt, probe.answer)})
-                for probe in r.portability:
-                    s["portability"].append({"new": add(probe.prompt, probe.answer),
-                                             "gen": add_gen(probe.prompt, probe.answer)})
-            slots.append(s)
-
-        # the neighbourhood prompts' next-token distributions come from their "true" pairs' forward
-        next_of = [] if light else [item["true"] for s in slots for item in s["neighborhood"]]
-        sc = score_targets(self.model, self.tok, [p for p, _ in pairs], [t for _, t in pairs], cfg.batch_size,
-                           next_of=next_of)
-        budgets = [answer_budget(self.tok, t, cfg.gen_extra_tokens) for _, t in gens]
-        texts = generate(self.model, self.tok, [p for p, _ in gens], budgets, cfg.batch_size) if gens else []
-        gen_ok = [float(M.generation_match(c, t)) for c, (_, t) in zip(texts, gens)]
-
-        next_logp = sc.next_logp
-
-        out, new_refs, offset = [], [], 0
-        for r, s in zip(requests, slots):
-            m: dict[str, float] = {}
-            for split in ("rewrite", "paraphrase"):
-                es, acc, exact, gen, p_new = [], [], [], [], []
-                for item in s[split]:
-                    i, j = item["new"], item["true"]
-                    a, e = M.token_accuracy(sc.correct[i], sc.length[i])
-                    acc.append(float(a))
-                    exact.append(float(e))
-                    p_new.append(math.exp(-float(M.mean_nll(sc.logp[i], sc.length[i]))))
-                    if j is not None:
-                        es.append(float(M.prob_greater(sc.logp[i], sc.length[i], sc.logp[j], sc.length[j])))
-                    if item["gen"] is not None:
-                        gen.append(gen_ok[item["gen"]])
-                if s[split]:
-                    m[f"{split}/es"] = _nanmean(es)
-                    m[f"{split}/acc"] = _nanmean(acc)
-                    m[f"{split}/exact"] = _nanmean(exact)
-                    m[f"{split}/gen"] = _nanmean(gen)
-                    if split == "rewrite":
-                        m["rewrite/p_new"] = _nanmean(p_new)
-            n_nb = len(s["neighborhood"])
-            if n_nb:
-                logp_now = next_logp[offset:offset + n_nb]
-                top1_now = [sc.top1[item["true"]] for item in s["neighborhood"]]
-                ref = refs[len(new_refs)] if refs is not None else _Ref(logp_now, top1_now)
-                ns, acc, agree, gen = [], [], [], []
-                for k, item in enumerate(s["neighborhood"]):
-                    i, j = item["true"], item["new"]
-                    ns.append(float(M.prob_greater(sc.logp[i], sc.length[i], sc.logp[j], sc.length[j])))
-                    acc.append(float(M.token_accuracy(sc.correct[i], sc.length[i])[0]))
-                    pre_top1, post_top1 = ref.top1[k], top1_now[k]
-                    agree.append(float(M.top1_agreement(pre_top1, post_top1, torch.ones_like(pre_top1, dtype=torch.bool))))
-                    if item["gen"] is not None:
-                        gen.append(gen_ok[item["gen"]])
-                m["neighborhood/ns"] = _nanmean(ns)
-                m["neighborhood/acc"] = _nanmean(acc)
-                m["neighborhood/agree"] = _nanmean(agree)
-                m["neighborhood/kl"] = float(M.kl_divergence(ref.next_logp, logp_now).mean())
-                m["neighborhood/gen"] = _nanmean(gen)
-                offset += n_nb
-            else:
-                ref = refs[len(new_refs)] if refs is not None else _Ref(torch.zeros(0), [])
-            new_refs.append(ref)
-            if s["portability"]:
-                acc, exact, gen = [], [], []
-                for item in s["portability"]:
-                    a, e = M.token_accuracy(sc.correct[item["new"]], sc.length[item["new"]])
-                    acc.append(float(a))
-                    exact.append(float(e))
-                    if item["gen"] is not None:
-                        gen.append(gen_ok[item["gen"]])
-                m["portability/acc"] = _nanmean(acc)
-                m["portability/exact"] = _nanmean(exact)
-                m["portability/gen"] = _nanmean(gen)
-            out.append(m)
-
-        if cfg.fluency and not light:
-            self._fluency(requests, out)
-        return out, new_refs
-
-    def refs(self, requests: Sequence[EditRequest]) -> list[_Ref]:
-        """Only the pre-edit references (neighborhood distributions and argmax tokens)."""
-        prompts = [probe.prompt for r in requests for probe in r.neighborhood]
-        answers = [probe.answer for r in requests for probe in r.neighborhood]
-        if not prompts:
-            return [_Ref(torch.zeros(0), []) for _ in requests]
-        sc = score_targets(self.model, self.tok, prompts, answers, self.cfg.batch_size, next_of=range(len(prompts)))
-        logp = sc.next_logp
-        out, k = [], 0
-        for r in requests:
-            n = len(r.neighborhood)
-            out.append(_Ref(logp[k:k + n], sc.top1[k:k + n]) if n else _Ref(torch.zeros(0), []))
-            k += n
-        return out
-
-    def _fluency(self, requests: Sequence[EditRequest], out: list[dict[str, float]]) -> None:
-        # greedy decoding is deterministic: generate each distinct prompt once, keep duplicates' weight
-        per_request = []
-        for r in requests:
-            prompts = r.generation_prompts
-            if self.cfg.max_generation_prompts is not None:
-                prompts = list(dict.fromkeys(prompts))[:self.cfg.max_generation_prompts]
-            per_request.append(prompts)
-        unique = list(dict.fromkeys(p for ps in per_request for p in ps))
-        if not unique:
-            return
-        conts = generate(self.model, self.tok, unique, self.cfg.fluency_new_tokens, self.cfg.batch_size)
-        # like ROME, the entropy is of the whole text: prompt and continuation
-        entropy = {p: M.ngram_entropy(p + c) for p, c in zip(unique, conts)}
-        for prompts, m in zip(per_request, out):
-            if prompts:
-                m["fluency/ngram_entropy"] = _nanmean([entropy[p] for p in prompts])
+    ``batch_size``: requests per edit in ``batch`` (default all) and ``sequential`` (default
+    1) modes. ``config`` / keyword ``overrides`` set :class:`EvalConfig` fields.
+    ``on_result(index, record)`` is called as each request's scores are ready.
+    ``reuse_pre``: the results of an earlier run on the same model, requests and config;
+    its pre-edit scores are taken instead of measured again (only the pre-edit references
+    for KL / agreement are recomputed). Comparing several editors, this halves the work.
+    ``on_curve(point)``: sequential mode, called with each retention/perplexity curve point as
+    it is measured (to save partial results of long runs).
+    """
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
+    cfg = replace(config or EvalConfig(), **overrides)
+    reqs = _as_requests(requests)
+    if not reqs:
+        raise ValueError("no requests to evaluate")
+    step = _step(mode, batch_size, len(reqs))
+    reused = _check_reuse(reuse_pre, reqs, cfg)
+    was_training = model.training
+    model.eval()
+    start_hash = state_hash(model) if cfg.check_restore else None
+    bar = tqdm(total=len(reqs), desc=f"{mode} {type(editor).__name__}", unit="req", disable=not progress)
+    run = _Run(model, tokenizer, editor, reqs, cfg, reused, bar, on_result, on_curve)
+    try:
+        ppl_post = {"single": run.single, "batch": run.batch, "sequential": run.sequential}[mode](step)
+    finally:
+        run.bar.close()
+        if was_training:
+            model.train()
+    if cfg.check_restore and state_hash(model) != start_hash:
+        raise RestoreError("the model's weights differ from the start of the evaluation (sha256)")
+    return run.results(mode, step, ppl_post)
 
 
-# --------------------------------------------------------------------------- runner
+def _step(mode: str, batch_size: int | None, n: int) -> int:
+    """Requests per edit: single 1, batch all, sequential 1, unless ``batch_size`` says otherwise."""
+    step = {"single": 1, "batch": n, "sequential": 1}[mode] if batch_size is None else batch_size
+    if step < 1:
+        raise ValueError(f"batch_size must be >= 1, got {step}")
+    if mode == "single" and step != 1:
+        log.info("single mode edits one request at a time; batch_size=%d ignored", step)
+        step = 1
+    return step
+
+
+# --------------------------------------------------------------------------- the run
+
+
+class _Run:
+    """One evaluation: the model, editor, requests and settings, and the records measured so far.
+
+    Each mode returns the post-edit perplexity of held text as (summed NLL, tokens)."""
+
+    def __init__(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, editor: Editor,
+                 requests: list[EditRequest], cfg: EvalConfig, reused: Results | None, bar: tqdm,
+                 on_result: Callable[[int, dict[str, Any]], None] | None,
+                 on_curve: Callable[[dict[str, Any]], None] | None):
+        self.model, self.tok, self.editor, self.reqs, self.cfg = model, tokenizer, editor, requests, cfg
+        self.reused, self.bar, self.on_result, self.on_curve = reused, bar, on_result, on_curve
+        self.scorer = Scorer(model, tokenizer, cfg)
+        self.timer = _Timer(model_device(model))
+        self.start_print = fingerprint(model) if cfg.check_restore else None
+        self.t_start = time.perf_counter()
+        self.records: list[dict[str, Any]] = [
+            {"index": i, "case_id": r.case_id, "prompt": r.prompt, "target_new": r.target_new,
+             "target_true": r.target_true} for i, r in enumerate(requests)]
+        self.curves: list[dict[str, Any]] = []
+        if reused is not None and reused.meta.get("ppl_pre_tokens") is not None:
+            self.ppl_pre = (reused.meta["ppl_pre_nll"], reused.meta["ppl_pre_tokens"])
+        else:
+            self.ppl_pre = self.scorer.perplexity()
+
+    # ----------------------------------------------------------------------- modes
+
+    def single(self, step: int) -> tuple[float, int]:
+        """Each request alone: edit, score, restore. Pre-edit passes run over ``eval_group`` requests."""
+        ppls = []
+        for group in _chunks(range(len(self.reqs)), self.cfg.eval_group):
+            pre, refs = self._pre(group)
+            for i, a, ref in zip(group, pre, refs):
+                edit = self._edit([i])
+                (b,), ppl = self._post(edit, [i], [ref], [i], with_ppl=True)
+                self._done(i, a, b, ppl)
+                ppls.append(ppl)
+        return _pooled(ppls)
+
+    def batch(self, step: int) -> tuple[float, int]:
+        """Chunks of ``step`` requests, one edit each, scored in sub-groups of ``eval_group``
+        (pre-edit references of a sub-group only are held in memory)."""
+        ppls = []
+        for chunk in _chunks(range(len(self.reqs)), step):
+            edit = self._edit(chunk)
+            scored = []
+            subs = _chunks(chunk, self.cfg.eval_group)
+            for sub in subs:
+                pre, refs = self._pre(sub)
+                post, ppl = self._post(edit, sub, refs, chunk, with_ppl=sub is subs[-1])
+                scored += zip(sub, pre, post)
+            for i, a, b in scored:
+                self._done(i, a, b, ppl)
+            ppls.append(ppl)
+        return _pooled(ppls)
+
+    def sequential(self, step: int) -> tuple[float, int]:
+        """Steps of ``step`` requests, each edit computed on the model edited by the steps before
+        (``history``); curve points at checkpoints; every request scored on the whole stack."""
+        n = len(self.reqs)
+        points = _curve_checkpoints(n, step, self.cfg.curve_every)
+        stack = EditStack()
+        self._curve_point(0, min(points))
+        try:
+            for chunk in _chunks(range(n), step):
+                edit = self._edit(chunk, history=stack)
+                if stack.is_applied:
+                    stack.push(edit, self.model)
+                else:
+                    stack.push(edit)
+                    stack.apply(self.model)
+                if chunk[-1] + 1 in points:
+                    ppl_post = self._curve_point(chunk[-1] + 1, min(points))  # the last one is at n
+        finally:
+            stack.restore(self.model)
+        self._check("after restoring the sequential edit stack")
+        for group in _chunks(range(n), self.cfg.eval_group):
+            pre, refs = self._pre(group)
+            with stack.applied(self.model):
+                post, _ = self.scorer.score([self.reqs[i] for i in group], refs)
+            self._check(f"after restoring the stack (final scoring of requests {group[0]}..{group[-1]})")
+            for i, a, b in zip(group, pre, post):
+                self._done(i, a, b, ppl_post)
+        return ppl_post
+
+    # ----------------------------------------------------------------------- steps
+
+    def _edit(self, ids: list[int], history: EditStack | None = None) -> Edit:
+        """The edit of requests ``ids``; without ``history`` the model is unedited, and checked to stay so."""
+        reqs = [self.reqs[i] for i in ids]
+        edit, dt = self.timer.edit(self.editor, self.model, self.tok, reqs, () if history is None else history)
+        if history is None:
+            self._check("after Editor.edit (edit() must not change the model)")
+        for i in ids:
+            self.records[i].update(edit_seconds=dt / len(ids), edit_step=len(self.timer.seconds) - 1)
+        self.bar.update(len(ids))
+        self.bar.set_postfix(edit_s=f"{dt:.2f}")
+        return edit
+
+    def _pre(self, ids: list[int]) -> tuple[list[dict[str, float]], list[Ref]]:
+        """Pre-edit scores and references: measured, or taken from ``reuse_pre`` (references measured)."""
+        reqs = [self.reqs[i] for i in ids]
+        if self.reused is None:
+            return self.scorer.score(reqs)
+        pre = [{k: float("nan") if v is None else v for k, v in self.reused.per_request[i]["pre"].items()
+                if k != "general/ppl"} for i in ids]
+        return pre, self.scorer.refs(reqs)
+
+    def _post(self, edit: Edit, ids: list[int], refs: list[Ref], edited: list[int],
+              with_ppl: bool) -> tuple[list[dict[str, float]], tuple[float, int] | None]:
+        """Scores of ``ids`` (and the perplexity) with ``edit`` (of the ``edited`` requests) applied."""
+        with edit.applied(self.model):
+            post, _ = self.scorer.score([self.reqs[i] for i in ids], refs)
+            ppl = self.scorer.perplexity() if with_ppl else None
+        self._check(f"after restoring the edit of request(s) {edited[0]}..{edited[-1]}")
+        return post, ppl
+
+    def _curve_point(self, n_edits: int, first_k: int) -> tuple[float, int]:
+        """Rewrite scores of the requests edited so far and of the first ``first_k``, and the
+        perplexity, on the model as it is now; returns the perplexity's (NLL, tokens)."""
+        gen = self.cfg.curve_generation and self.cfg.generation
+        seen, _ = self.scorer.score(self.reqs[:max(n_edits, first_k)], light=True, generation=gen)
+        point: dict[str, Any] = {"n_edits": n_edits}
+        for key in ("rewrite/es", "rewrite/acc", "rewrite/gen"):
+            if n_edits:
+                point[f"seen:{key}"] = M.nanmean([m.get(key, float("nan")) for m in seen[:n_edits]])
+            point[f"first{first_k}:{key}"] = M.nanmean([m.get(key, float("nan")) for m in seen[:first_k]])
+        ppl = self.scorer.perplexity()
+        point["general/ppl"] = M.perplexity(*ppl)
+        self.curves.append(point)
+        if self.on_curve is not None:
+            self.on_curve(point)
+        if n_edits:
+            log.info("sequential: %d edits: %s", n_edits, point)
+        return ppl
+
+    def _done(self, i: int, pre: dict[str, float], post: dict[str, float], ppl_post: tuple[float, int]) -> None:
+        pre["general/ppl"] = M.perplexity(*self.ppl_pre)
+        post["general/ppl"] = M.perplexity(*ppl_post)
+        self.records[i].update(pre=pre, post=post)
+        if self.on_result is not None:
+            self.on_result(i, self.records[i])
+
+    def _check(self, where: str) -> None:
+        if self.cfg.check_restore and fingerprint(self.model) != self.start_print:
+            raise RestoreError(f"the model is not bit-exactly restored {where}")
+
+    # ----------------------------------------------------------------------- results
+
+    def results(self, mode: str, step: int, ppl_post: tuple[float, int]) -> Results:
+        seconds, model = self.timer.seconds, self.model
+        meta = {
+            "mode": mode,
+            "batch_size": step,
+            "n_requests": len(self.reqs),
+            "n_edits": len(seconds),
+            "editor": repr(self.editor),
+            "editor_name": type(self.editor).__name__,
+            "hparams": _jsonable(getattr(self.editor, "hparams", None)),
+            "model": getattr(getattr(model, "config", None), "_name_or_path", type(model).__name__),
+            "device": str(model_device(model)),
+            "dtype": str(next(model.parameters()).dtype),
+            "edit_seconds": seconds,
+            "edit_seconds_mean": sum(seconds) / len(seconds) if seconds else None,
+            "edit_seconds_per_request": sum(seconds) / len(self.reqs) if seconds else None,
+            "edit_seconds_total": sum(seconds),
+            "eval_seconds": time.perf_counter() - self.t_start,
+            "peak_rss_mb": _peak_rss_mb(),
+            "cuda_peak_mb": max(self.timer.cuda_peaks) if self.timer.cuda_peaks else None,
+            "config": asdict(self.cfg),
+            "restore_checked": self.cfg.check_restore,
+            "pre_reused": self.reused is not None,
+            "ppl_pre_nll": self.ppl_pre[0],
+            "ppl_pre_tokens": self.ppl_pre[1],
+            "metrics": METRICS,
+        }
+        return Results(summary=_summarize(self.records, self.ppl_pre, ppl_post), per_request=self.records,
+                       curves=self.curves, meta=meta)
+
+
+# --------------------------------------------------------------------------- helpers
 
 
 def _peak_rss_mb() -> float:
@@ -336,9 +405,14 @@ def _as_requests(requests: Any) -> list[EditRequest]:
     return as_requests(requests)
 
 
-def _chunks(items: list, size: int) -> list[list]:
-    size = max(1, size)
+def _chunks(items: Sequence[int], size: int) -> list[list[int]]:
+    items, size = list(items), max(1, size)
     return [items[i:i + size] for i in range(0, len(items), size)]
+
+
+def _pooled(ppls: list[tuple[float, int]]) -> tuple[float, int]:
+    """Perplexities measured after several edits, pooled: summed NLL and summed tokens."""
+    return sum(p[0] for p in ppls), sum(p[1] for p in ppls)
 
 
 def _curve_checkpoints(n: int, step: int, every: int) -> set[int]:
@@ -355,219 +429,6 @@ def _curve_checkpoints(n: int, step: int, every: int) -> set[int]:
                 next_mark += every
     points.add(n)
     return points
-
-
-def evaluate(
-    model: nn.Module,
-    tokenizer: PreTrainedTokenizerBase,
-    editor: Editor,
-    requests: Any,
-    mode: str = "single",
-    batch_size: int | None = None,
-    config: EvalConfig | None = None,
-    progress: bool = True,
-    on_result: Callable[[int, dict[str, Any]], None] | None = None,
-    reuse_pre: Results | None = None,
-    on_curve: Callable[[dict[str, Any]], None] | None = None,
-    **overrides: Any,
-) -> Results:
-    """Edit and evaluate ``requests`` in ``mode``; the model is returned unedited (checked).
-
-    ``batch_size``: requests per edit in ``batch`` (default all) and ``sequential`` (default
-    1) modes. ``config`` / keyword ``overrides`` set :class:`EvalConfig` fields.
-    ``on_result(index, record)`` is called as each request's scores are ready.
-    ``reuse_pre``: the results of an earlier run on the same model, requests and config;
-    its pre-edit scores are taken instead of measured again (only the pre-edit references
-    for KL / agreement are recomputed). Comparing several editors, this halves the work.
-    ``on_curve(point)``: sequential mode, called with each retention/perplexity curve point as
-    it is measured (to save partial results of long runs).
-    """
-    if mode not in MODES:
-        raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
-    cfg = config or EvalConfig()
-    if overrides:
-        from dataclasses import replace
-
-        cfg = replace(cfg, **overrides)
-    reqs = _as_requests(requests)
-    if not reqs:
-        raise ValueError("no requests to evaluate")
-    step = {"single": 1, "batch": len(reqs), "sequential": 1}[mode] if batch_size is None else batch_size
-    if step < 1:
-        raise ValueError(f"batch_size must be >= 1, got {step}")
-    if mode == "single" and step != 1:
-        log.info("single mode edits one request at a time; batch_size=%d ignored", step)
-        step = 1
-
-    was_training = model.training
-    model.eval()
-    device = model_device(model)
-    scorer = _Scorer(model, tokenizer, cfg)
-    timer = _Timer(device)
-    start_hash = state_hash(model) if cfg.check_restore else None
-    start_print = fingerprint(model) if cfg.check_restore else None
-    records: list[dict[str, Any]] = [{"index": i, "case_id": r.case_id, "prompt": r.prompt,
-                                      "target_new": r.target_new, "target_true": r.target_true}
-                                     for i, r in enumerate(reqs)]
-    curves: list[dict[str, Any]] = []
-    t_start = time.perf_counter()
-
-    def check(where: str) -> None:
-        if cfg.check_restore and fingerprint(model) != start_print:
-            raise RestoreError(f"the model is not bit-exactly restored {where}")
-
-    def done(i: int) -> None:
-        if on_result is not None:
-            on_result(i, records[i])
-
-    reused = _check_reuse(reuse_pre, reqs, cfg)
-
-    def pre_pass(group: list[int]) -> tuple[list[dict[str, float]], list[_Ref]]:
-        if reused is None:
-            return scorer.score([reqs[i] for i in group])
-        pre = [{k: float("nan") if v is None else v for k, v in reused.per_request[i]["pre"].items()
-                if k != "general/ppl"} for i in group]
-        return pre, scorer.refs([reqs[i] for i in group])
-
-    if reused is not None and reused.meta.get("ppl_pre_tokens") is not None:
-        ppl_pre = (reused.meta["ppl_pre_nll"], reused.meta["ppl_pre_tokens"])
-    else:
-        ppl_pre = scorer.perplexity()
-    bar = tqdm(total=len(reqs), desc=f"{mode} {type(editor).__name__}", unit="req", disable=not progress)
-    try:
-        if mode in ("single", "batch"):
-            post_ppl: list[tuple[float, int]] = []
-            # single: pre-edit passes batched over eval_group requests, then one edit each;
-            # batch: one edit per chunk, scored in eval_group sub-groups (bounded reference memory)
-            outer = cfg.eval_group if mode == "single" else step
-            for block in _chunks(list(range(len(reqs))), outer):
-                if mode == "single":
-                    pre, refs = pre_pass(block)
-                    units = [([i], [pre[k]], [refs[k]]) for k, i in enumerate(block)]
-                else:
-                    units = [(block, None, None)]
-                for chunk, pre, refs in units:
-                    edit, dt = timer.edit(editor, model, tokenizer, [reqs[i] for i in chunk])
-                    check("after Editor.edit (edit() must not change the model)")
-                    subs = [chunk] if pre is not None else _chunks(chunk, cfg.eval_group)
-                    for k, sub in enumerate(subs):
-                        if pre is None:
-                            sub_pre, sub_refs = pre_pass(sub)
-                        else:
-                            sub_pre, sub_refs = pre, refs
-                        with edit.applied(model):
-                            post, _ = scorer.score([reqs[i] for i in sub], sub_refs)
-                            if k == len(subs) - 1:
-                                ppl = scorer.perplexity()
-                        check(f"after restoring the edit of request(s) {chunk[0]}..{chunk[-1]}")
-                        for i, a, b in zip(sub, sub_pre, post):
-                            records[i].update(pre=a, post=b, edit_seconds=dt / len(chunk), edit_step=len(post_ppl))
-                    post_ppl.append(ppl)
-                    for i in chunk:
-                        records[i]["post"]["general/ppl"] = M.perplexity(*ppl)
-                        records[i]["pre"]["general/ppl"] = M.perplexity(*ppl_pre)
-                        done(i)
-                    bar.update(len(chunk))
-                    bar.set_postfix(edit_s=f"{dt:.2f}")
-            ppl_post = (sum(p[0] for p in post_ppl), sum(p[1] for p in post_ppl))
-        else:
-            ppl_post = _sequential(model, tokenizer, editor, reqs, step, scorer, timer, records, curves, cfg,
-                                   bar, check, ppl_pre, done, pre_pass, on_curve)
-    finally:
-        bar.close()
-        if was_training:
-            model.train()
-    if cfg.check_restore and state_hash(model) != start_hash:
-        raise RestoreError("the model's weights differ from the start of the evaluation (sha256)")
-
-    summary = _summarize(records, ppl_pre, ppl_post)
-    meta = {
-        "mode": mode,
-        "batch_size": step,
-        "n_requests": len(reqs),
-        "n_edits": len(timer.seconds),
-        "editor": repr(editor),
-        "editor_name": type(editor).__name__,
-        "hparams": _jsonable(getattr(editor, "hparams", None)),
-        "model": getattr(getattr(model, "config", None), "_name_or_path", type(model).__name__),
-        "device": str(device),
-        "dtype": str(next(model.parameters()).dtype),
-        "edit_seconds": timer.seconds,
-        "edit_seconds_mean": sum(timer.seconds) / len(timer.seconds) if timer.seconds else None,
-        "edit_seconds_per_request": sum(timer.seconds) / len(reqs) if timer.seconds else None,
-        "edit_seconds_total": sum(timer.seconds),
-        "eval_seconds": time.perf_counter() - t_start,
-        "peak_rss_mb": _peak_rss_mb(),
-        "cuda_peak_mb": max(timer.cuda_peaks) if timer.cuda_peaks else None,
-        "config": asdict(cfg),
-        "restore_checked": cfg.check_restore,
-        "pre_reused": reused is not None,
-        "ppl_pre_nll": ppl_pre[0],
-        "ppl_pre_tokens": ppl_pre[1],
-        "metrics": METRICS,
-    }
-    return Results(summary=summary, per_request=records, curves=curves, meta=meta)
-
-
-def _sequential(model, tokenizer, editor, reqs, step, scorer, timer, records, curves, cfg, bar, check,
-                ppl_pre, done, pre_pass, on_curve=None) -> tuple[float, int]:
-    n = len(reqs)
-    points = _curve_checkpoints(n, step, cfg.curve_every)
-    first_k = min(points)
-    stack = EditStack()
-    gen = cfg.curve_generation and cfg.generation
-
-    def curve_point(n_edits: int) -> dict[str, Any]:
-        seen, _ = scorer.score(reqs[:n_edits], light=True, generation=gen) if n_edits else ([], [])
-        first, _ = scorer.score(reqs[:first_k], light=True, generation=gen)
-        point: dict[str, Any] = {"n_edits": n_edits}
-        for key in ("rewrite/es", "rewrite/acc", "rewrite/gen"):
-            if n_edits:
-                point[f"seen:{key}"] = _nanmean([m.get(key, float("nan")) for m in seen])
-            point[f"first{first_k}:{key}"] = _nanmean([m.get(key, float("nan")) for m in first])
-        point["general/ppl"] = M.perplexity(*scorer.perplexity())
-        return point
-
-    def record(point: dict[str, Any]) -> None:
-        curves.append(point)
-        if on_curve is not None:
-            on_curve(point)
-
-    record(curve_point(0))
-    try:
-        done_n = 0
-        for chunk in _chunks(list(range(n)), step):
-            edit, dt = timer.edit(editor, model, tokenizer, [reqs[i] for i in chunk], history=stack)
-            if stack.is_applied:
-                stack.push(edit, model)
-            else:
-                stack.push(edit)
-                stack.apply(model)
-            for i in chunk:
-                records[i].update(edit_seconds=dt / len(chunk), edit_step=len(stack.edits) - 1)
-            done_n += len(chunk)
-            if done_n in points:
-                record(curve_point(done_n))
-                log.info("sequential: %d edits: %s", done_n, curves[-1])
-            bar.update(len(chunk))
-            bar.set_postfix(edit_s=f"{dt:.2f}")
-        ppl_post = scorer.perplexity()
-    finally:
-        stack.restore(model)
-    check("after restoring the sequential edit stack")
-
-    # final scores: per group, pre-edit references on the restored model, then the whole stack
-    for group in _chunks(list(range(n)), cfg.eval_group):
-        pre, refs = pre_pass(group)
-        with stack.applied(model):
-            post, _ = scorer.score([reqs[i] for i in group], refs)
-        check(f"after restoring the stack (final scoring of requests {group[0]}..{group[-1]})")
-        for i, a, b in zip(group, pre, post):
-            a["general/ppl"] = M.perplexity(*ppl_pre)
-            b["general/ppl"] = M.perplexity(*ppl_post)
-            records[i].update(pre=a, post=b)
-            done(i)
-    return ppl_post
 
 
 def _check_reuse(reuse: Results | None, reqs: list[EditRequest], cfg: EvalConfig) -> Results | None:
@@ -606,8 +467,6 @@ def _summarize(records: list[dict[str, Any]], ppl_pre: tuple[float, int], ppl_po
 
 
 def _jsonable(obj: Any) -> Any:
-    from dataclasses import is_dataclass
-
     if obj is None:
         return None
     if is_dataclass(obj):
