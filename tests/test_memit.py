@@ -17,6 +17,7 @@ from kedit.editors.locate import context_templates, locate_requests, subject_key
 from kedit.editors.memit import MEMIT
 from kedit.models import arch_of
 from conftest import assert_state_equal
+from contract_settings import contract_editor
 
 REQUESTS = [
     {"prompt": "The capital of France is", "subject": "France", "target_new": "Rome"},
@@ -37,7 +38,7 @@ def test_memit_multi_layer_paper_path(tiny, family):
     """The paper's path (values at the last layer, residual spread over layers), low rank."""
     model, tok = tiny(family)
     state = {k: v.clone() for k, v in model.state_dict().items()}
-    editor = MEMIT.for_contract_tests(model, tok)
+    editor = contract_editor("memit", model, tok)
     editor.hparams = dataclasses.replace(editor.hparams, layers=[0, 1], edit_aware=False, templates=[(3, 5)])
     edit = editor.edit(model, tok, REQUESTS)
     assert_state_equal(model, state)
@@ -55,7 +56,7 @@ def test_memit_multi_layer_paper_path(tiny, family):
 
 def test_memit_dense_when_cheaper(tiny):
     model, tok = tiny("llama")
-    editor = MEMIT.for_contract_tests(model, tok)
+    editor = contract_editor("memit", model, tok)
     # d_in 64, d_out 32: 30 requests of rank 30 cost 30 * 96 > 64 * 32 -> dense
     reqs = [dict(r, target_new=t) for r in REQUESTS for t in ("Rome", "Paris", "Berlin", "soccer", "guitar",
                                                               "Italian", "French", "Shakespeare", "basketball",
@@ -85,7 +86,7 @@ def test_null_space_projection():
 def test_alphaedit_update_lives_in_the_null_space(tiny, family):
     """ΔW = R (A⁻¹PK)ᵀ with A⁻¹PK in range(P): ΔW leaves the preserved keys' directions alone."""
     model, tok = tiny(family)
-    editor = AlphaEdit.for_contract_tests(model, tok)
+    editor = contract_editor("alphaedit", model, tok)
     edit = editor.edit(model, tok, REQUESTS)
     arch = arch_of(model)
     name = arch.mlp_out_weight(0)
@@ -100,7 +101,7 @@ def test_alphaedit_single_edits_do_not_depend_on_order(tiny):
     request the same edit whatever it edited before. (It used to keep the keys of every edit it
     returned, so results depended on the order of the requests.)"""
     model, tok = tiny("llama")
-    editor = AlphaEdit.for_contract_tests(model, tok)
+    editor = contract_editor("alphaedit", model, tok)
     name = arch_of(model).mlp_out_weight(0)
 
     def single(reqs):
@@ -115,7 +116,7 @@ def test_alphaedit_single_edits_do_not_depend_on_order(tiny):
     ab, ba = single(REQUESTS[:2]), single(REQUESTS[1::-1])
     assert not torch.equal(ab[0], ab[1])
     assert torch.equal(ab[0], ba[1]) and torch.equal(ab[1], ba[0])
-    fresh = AlphaEdit.for_contract_tests(model, tok).edit(model, tok, REQUESTS[:1])
+    fresh = contract_editor("alphaedit", model, tok).edit(model, tok, REQUESTS[:1])
     assert torch.equal(fresh.delta(name), ab[0])
 
 
@@ -127,7 +128,7 @@ def test_alphaedit_uses_the_keys_of_its_history(tiny, tmp_path):
     model, tok = tiny("llama")
     state = {k: v.clone() for k, v in model.state_dict().items()}
     p0 = logprob(model, tok, REQUESTS)
-    editor = AlphaEdit.for_contract_tests(model, tok)
+    editor = contract_editor("alphaedit", model, tok)
     name = arch_of(model).mlp_out_weight(0)
     reqs = locate_requests(REQUESTS)
     templates = context_templates(model, tok, editor.hparams.templates, editor.hparams.template_seed)
@@ -151,9 +152,9 @@ def test_alphaedit_uses_the_keys_of_its_history(tiny, tmp_path):
     assert torch.linalg.matrix_rank(prior(stack.edits)) == 3
     loaded = Edit.load(stack.save(tmp_path / "stack.safetensors"))
     assert torch.equal(prior(loaded.edits), prior(stack.edits))
-    memit = MEMIT.for_contract_tests(model, tok).edit(model, tok, REQUESTS[:1])
+    memit = contract_editor("memit", model, tok).edit(model, tok, REQUESTS[:1])
     assert torch.equal(prior([memit, e1]), prior([e1]))
-    independent = AlphaEdit.for_contract_tests(model, tok)
+    independent = contract_editor("alphaedit", model, tok)
     independent.hparams = dataclasses.replace(independent.hparams, accumulate_keys=False)
     assert prior(stack.edits, independent).abs().max() == 0
     with stack.applied(model):  # the second edit, on top of the first

@@ -17,6 +17,7 @@ from kedit.editors.values import optimize_values
 from kedit.hooks import trace
 from kedit.models import arch_of
 from conftest import assert_state_equal
+from contract_settings import contract_editor
 
 FRANCE = {"prompt": "The capital of France is", "subject": "France", "target_new": "Rome", "target_true": "Paris"}
 
@@ -34,7 +35,7 @@ def test_prefix_cache_equals_full_forward(tiny, family, at):
     """Optimizing on the suffix against a KV cache of the prefix, with the blocks below δ
     replayed, is the full forward, exactly: δ at an MLP output (ROME) or a block output (MEMIT)."""
     model, tok = tiny(family)
-    editor = ROME.for_contract_tests(model, tok)
+    editor = contract_editor("rome", model, tok)
     hp = dataclasses.replace(editor.hparams, v_steps=3, v_stop_nll=0.0, kl_factor=0.0625, edit_aware=False,
                              prefix_cache=True)
     reqs = locate_requests([FRANCE, {"prompt": "Michael Jordan plays", "subject": "Michael Jordan",
@@ -57,7 +58,7 @@ def test_prefix_cache_equals_full_forward(tiny, family, at):
 def test_finished_requests_leave_the_batch(tiny, family):
     """Per-request early stop with compaction: a batch gives each request the δ it gets alone."""
     model, tok = tiny(family)
-    editor = ROME.for_contract_tests(model, tok)
+    editor = contract_editor("rome", model, tok)
     hp = dataclasses.replace(editor.hparams, v_steps=8, v_stop_nll=0.0, kl_factor=0.0625, edit_aware=False, v_lr=0.5,
                              prefix_cache=True)
     reqs = locate_requests([FRANCE, {"prompt": "Michael Jordan plays", "subject": "Michael Jordan",
@@ -83,7 +84,7 @@ def test_argmax_stop(tiny, monkeypatch):
     import kedit.editors.values as values
 
     model, tok = tiny("llama")
-    hp = dataclasses.replace(ROME.for_contract_tests(model, tok).hparams, v_steps=30, v_stop_nll=0.0,
+    hp = dataclasses.replace(contract_editor("rome", model, tok).hparams, v_steps=30, v_stop_nll=0.0,
                              v_stop_argmax=True, edit_aware=False, prefix_cache=True, kl_factor=0.0625)
     # the subject ends the prompt: δ acts on the predicting position, so a tiny random model can reach the argmax
     reqs = locate_requests([{"prompt": "The capital of France", "subject": "France", "target_new": "Rome"}])
@@ -110,7 +111,7 @@ def test_argmax_stop(tiny, monkeypatch):
 def test_rank_one_update_maps_key_to_value(tiny, family):
     """ΔW k* = δ (r-ROME: the same key computes and applies the update), in storage orientation."""
     model, tok = tiny(family)
-    editor = ROME.for_contract_tests(model, tok)
+    editor = contract_editor("rome", model, tok)
     editor.hparams = dataclasses.replace(editor.hparams, edit_aware=False)
     state = {k: v.clone() for k, v in model.state_dict().items()}
     edit = editor.edit(model, tok, FRANCE)
@@ -169,7 +170,7 @@ def test_fit_templates_gives_delta_on_every_template(tiny, family):
     """``fit_templates``: the applied update adds exactly δ at the subject's last token of every
     template (the mean-key update adds δ only in the mean)."""
     model, tok = tiny(family)
-    editor = ROME.for_contract_tests(model, tok)
+    editor = contract_editor("rome", model, tok)
     editor.hparams = dataclasses.replace(editor.hparams, edit_aware=False, templates=[(4, 5)], kl_factor=0.0,
                                          fit_templates=True, fit_ridge=0.0)
     state = {k: v.clone() for k, v in model.state_dict().items()}
@@ -201,7 +202,7 @@ def test_covariance_follows_the_weights(tiny, tmp_path, monkeypatch):
     import kedit.stats
 
     model, tok = tiny("llama")
-    editor = ROME.for_contract_tests(model, tok)
+    editor = contract_editor("rome", model, tok)
     editor.hparams = dataclasses.replace(editor.hparams, stats_cache_dir=str(tmp_path))
     calls = []
     real = kedit.stats.second_moments
@@ -239,10 +240,10 @@ def test_requests_need_a_subject(tiny):
 
     model, tok = tiny("llama")
     with pytest.raises(RequestError, match="subject"):
-        ROME.for_contract_tests(model, tok).edit(model, tok, {"prompt": "The capital of France is",
+        contract_editor("rome", model, tok).edit(model, tok, {"prompt": "The capital of France is",
                                                                "target_new": "Rome"})
     with pytest.raises(RequestError, match="does not occur"):
-        ROME.for_contract_tests(model, tok).edit(model, tok, {**FRANCE, "subject": "Spain"})
+        contract_editor("rome", model, tok).edit(model, tok, {**FRANCE, "subject": "Spain"})
 
 
 def greedy(model, tok, prompt: str, n: int = 3) -> str:
@@ -316,7 +317,7 @@ def test_rome_edits_with_an_unwritable_cache(tiny, fresh_cache, caplog):
     """$KEDIT_CACHE that is not a folder: the edit is made, each cache warns once."""
     fresh_cache.write_text("")
     model, tok = tiny("llama")
-    editor = ROME.for_contract_tests(model, tok)
+    editor = contract_editor("rome", model, tok)
     editor.hparams = dataclasses.replace(editor.hparams, v_steps=5, stats_tokens=300)
     p0 = logprob(model, tok, [FRANCE])
     edit = editor.edit(model, tok, [FRANCE])
