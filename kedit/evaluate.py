@@ -170,13 +170,13 @@ def _device(spec: str) -> str:
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Errors a user fixes by changing the command or its files: one line, no traceback."""
-    from kedit.checkpoint import BaseModelMismatch
     from kedit.data.request import RequestError
+    from kedit.identity import EditMismatchError
     from kedit.models.arch import UnsupportedArchitecture
     from kedit.models.loading import MissingModelPackage
 
     return (UsageError, RequestError, FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError,
-            MissingModelPackage, UnsupportedArchitecture, BaseModelMismatch)
+            MissingModelPackage, UnsupportedArchitecture, EditMismatchError)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -6,9 +6,10 @@ process-wide lock, so a session never observes a half-applied edit or stack: it 
 model before or after another session's step, never during it. The stack is shared: an edit
 one tab applies is the model every tab now talks to (the history says so).
 
-Each step that changes the model checks the result with :func:`kedit.eval.runner.fingerprint`
+Each step that changes the model checks the result with :func:`kedit.identity.fingerprint`
 against the fingerprint recorded for that number of applied edits; restoring all edits also
-compares the full :func:`~kedit.eval.runner.state_hash` with the unedited model's.
+compares a full sha256 of every weight (:func:`kedit.identity.state_digest`) with the
+unedited model's.
 """
 
 from __future__ import annotations
@@ -28,15 +29,14 @@ from typing import Any
 
 from torch import nn
 
-from kedit.checkpoint import BaseModelMismatch
 from kedit.data import EditRequest, Probe, RequestError, to_requests
 from kedit.editors.base import Edit, EditMismatchError, Editor, EditStack, EditStateError
-from kedit.eval.runner import fingerprint, state_hash
 from kedit.eval.scoring import generate, score_targets
+from kedit.identity import fingerprint, state_digest
 
 log = logging.getLogger(__name__)
 
-USER_ERRORS = (RequestError, EditMismatchError, EditStateError, BaseModelMismatch, ValueError,
+USER_ERRORS = (RequestError, EditMismatchError, EditStateError, ValueError,
                FileNotFoundError, KeyError)
 """Errors caused by what the user typed or uploaded: shown in the page, the model unchanged."""
 
@@ -214,7 +214,7 @@ class Workbench:
         self._editors: dict[str, Editor] = {}
         self.fingerprints = [fingerprint(model)]
         """``fingerprints[k]``: the model with the first k edits of the stack applied."""
-        self.base_hash = state_hash(model)
+        self.base_hash = state_digest(model, full=True)
         self.last_rows: list[Row] = []
         self._memo: dict[tuple, Any] = {}
 
@@ -416,7 +416,7 @@ class Workbench:
             self.history.clear()
             del self.fingerprints[1:]
             fp = self._check("after restoring all edits")
-            if state_hash(self.model) != self.base_hash:
+            if state_digest(self.model, full=True) != self.base_hash:
                 raise AppError("the weights' sha256 differs from the unedited model's after restoring all edits")
             return (f"Restored all {n} edit(s): the model is bit-exactly the unedited one "
                     f"(fingerprint {fp}, sha256 of all weights {self.base_hash[:12]}).")

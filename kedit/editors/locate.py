@@ -13,7 +13,6 @@ The value step (ROME Eq. 4, MEMIT Eq. 16) is in :mod:`kedit.editors.values`.
 
 from __future__ import annotations
 
-import hashlib
 import inspect
 import json
 import logging
@@ -32,7 +31,9 @@ from kedit.data.encode import encode
 from kedit.data.request import EditRequest, RequestError
 from kedit.editors.base import Edit, Editor, WeightDelta
 from kedit.hooks import run_until, trace
+from kedit.identity import config_key
 from kedit.models.arch import arch_of
+from kedit.utils import check_layers, depth_layer, pad_id  # noqa: F401 - depth_layer: rome, memit
 
 log = logging.getLogger(__name__)
 
@@ -86,10 +87,6 @@ class LocateHparams:
     """Ridge added to C, relative to its mean eigenvalue, before inverting (numerical safety)."""
 
 
-def depth_layer(n_layers: int, fraction: float) -> int:
-    return min(n_layers - 1, max(0, round(fraction * n_layers)))
-
-
 # --------------------------------------------------------------------------- requests
 
 
@@ -110,14 +107,6 @@ def locate_requests(requests) -> list[EditRequest]:
 _TEMPLATES: dict[str, list[str]] = {}
 
 
-def _model_key(model: nn.Module) -> str:
-    from kedit.editors.base import model_name
-
-    cfg = getattr(model, "config", None)
-    cfg_json = cfg.to_json_string(use_diff=False) if hasattr(cfg, "to_json_string") else ""
-    return f"{model_name(model)}-{hashlib.sha256(cfg_json.encode()).hexdigest()[:12]}"
-
-
 @torch.no_grad()
 def context_templates(model: nn.Module, tokenizer, lengths: Sequence[Sequence[int]], seed: int = 0,
                       cache: bool = True) -> list[str]:
@@ -125,7 +114,7 @@ def context_templates(model: nn.Module, tokenizer, lengths: Sequence[Sequence[in
     as ``"<generated text>. {}"`` (ROME's templates). Deterministic given the seed; cached per
     model name and config, in memory and in ``$KEDIT_CACHE/templates``."""
     lengths = [(int(a), int(b)) for a, b in lengths]
-    key = f"{_model_key(model)}-seed{seed}-" + "_".join(f"{a}x{b}" for a, b in lengths)
+    key = f"{config_key(model)}-seed{seed}-" + "_".join(f"{a}x{b}" for a, b in lengths)
     if key in _TEMPLATES:
         return _TEMPLATES[key]
     from kedit.models.loading import cache_dir
@@ -139,7 +128,7 @@ def context_templates(model: nn.Module, tokenizer, lengths: Sequence[Sequence[in
         return cached
     templates = ["{}"]
     device = next(model.parameters()).device
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = pad_id(tokenizer)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         for length, count in lengths:
@@ -231,12 +220,6 @@ def _out_cache(out):
     return getattr(out, "cache", None) if getattr(out, "cache", None) is not None else out.past_key_values
 
 
-def _pad_id(tokenizer) -> int:
-    if tokenizer.pad_token_id is not None:
-        return tokenizer.pad_token_id
-    return tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
-
-
 # --------------------------------------------------------------------------- keys
 
 
@@ -314,11 +297,7 @@ class LocateThenEdit(Editor):
 
     def layers(self, model: nn.Module) -> list[int]:
         n = arch_of(model).num_layers(model)
-        layers = sorted(self.hparams.layers) if self.hparams.layers else self.default_layers(n)
-        bad = [x for x in layers if not 0 <= x < n]
-        if bad:
-            raise ValueError(f"{self.name}: layers {bad} out of range for a model with {n} layers")
-        return layers
+        return check_layers(self.hparams.layers or self.default_layers(n), n, f"{self.name} layers")
 
     def statistic(self, model: nn.Module, tokenizer, layers: Sequence[int], history: Sequence[Edit],
                   name: tuple, fn: Callable[[Tensor], Tensor]) -> dict[int, Tensor]:

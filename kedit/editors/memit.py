@@ -36,6 +36,7 @@ from kedit.editors.locate import (LocateHparams, LocateThenEdit, context_templat
                                   progress, ridge, subject_keys, subject_last_index)
 from kedit.editors.values import Values, optimize_values
 from kedit.models.arch import arch_of
+from kedit.utils import chunks
 
 log = logging.getLogger(__name__)
 
@@ -170,7 +171,7 @@ def value_batches(tokenizer, requests, size: int) -> list[list[int]]:
     """Indices of the requests whose values are optimized together, ``size`` at a time:
     requests of similar suffix length share a batch (less padding in every step)."""
     order = sorted(range(len(requests)), key=lambda i: _suffix_length(tokenizer, requests[i]))
-    return [order[b:b + size] for b in range(0, len(order), size)]
+    return chunks(order, size)
 
 
 def _suffix_length(tokenizer, request) -> int:

@@ -66,6 +66,8 @@ from kedit.editors.base import (
     require_strs,
     tensor_hash,
 )
+from kedit.identity import identity, matches
+from kedit.utils import chunks, pad_id
 
 log = logging.getLogger(__name__)
 
@@ -200,14 +202,12 @@ class ScopeClassifier(nn.Module):
         """(q, m) scope logits of every query against every stored descriptor, batched."""
         if self.kind == "embedding":
             if memory_emb is None:
-                memory_emb = torch.cat([self.embed(descriptors[i:i + batch_size])
-                                        for i in range(0, len(descriptors), batch_size)])
-            q = torch.cat([self.embed(queries[i:i + batch_size]) for i in range(0, len(queries), batch_size)])
+                memory_emb = torch.cat([self.embed(part) for part in chunks(descriptors, batch_size)])
+            q = torch.cat([self.embed(part) for part in chunks(queries, batch_size)])
             return self.sim_logits(q, memory_emb.to(q))
         out = torch.empty(len(queries), len(descriptors), device=self.device)
         pairs = [(i, j) for i in range(len(queries)) for j in range(len(descriptors))]
-        for k in range(0, len(pairs), batch_size):
-            chunk = pairs[k:k + batch_size]
+        for chunk in chunks(pairs, batch_size):
             logits = self.pair_logits([descriptors[j] for _, j in chunk], [queries[i] for i, _ in chunk])
             for (i, j), v in zip(chunk, logits):
                 out[i, j] = v
@@ -217,9 +217,11 @@ class ScopeClassifier(nn.Module):
         """The parameters that training may change (those with ``requires_grad``)."""
         return {n: p for n, p in self.named_parameters() if p.requires_grad}
 
-    def frozen_identity(self) -> str:
-        """Hash of the parameters training keeps frozen (the pretrained backbone part)."""
-        return tensor_hash({n: p for n, p in self.named_parameters() if not p.requires_grad})
+    def frozen_identity(self, trained: set[str] | None = None) -> str:
+        """sha256 of the parameters training keeps frozen (the pretrained backbone part): those
+        not in ``trained``, by default those without ``requires_grad``."""
+        return tensor_hash({n: p for n, p in self.named_parameters()
+                            if (not p.requires_grad if trained is None else n not in trained)})
 
 
 # --------------------------------------------------------------------------- counterfactual inputs
@@ -279,12 +281,12 @@ class SERACMemory(Edit):
     def check_base(self, model: nn.Module) -> None:
         if not self.base:
             return
-        got = _cheap_identity(model)
-        if got != self.base:
+        same, got = matches(self.base, model, _identity_names(model))
+        if not same:
             raise EditMismatchError(
                 f"this SERAC memory was made for {self.base.get('name')!r} (weights hash "
-                f"{self.base.get('hash', '')[:12]}…) but the model given is {got['name']!r} "
-                f"(hash {got['hash'][:12]}…); apply it to the model it was made on")
+                f"{self.base.get('hash', '')[:12]}…) but the model given is {model_name(model)!r} "
+                f"(hash {got[:12]}…); apply it to the model it was made on")
 
     def apply(self, model: nn.Module, check: bool = True) -> None:
         if self._router is not None:
@@ -333,8 +335,8 @@ class SERACMemory(Edit):
         return cls(**fields, embeddings=emb, base=base, editor_ref=editor_ref)
 
 
-def _cheap_identity(model: nn.Module) -> dict[str, str]:
-    """Model name plus a hash of a cheap fixed set of weights (SERAC never changes weights)."""
+def _identity_names(model: nn.Module) -> list[str]:
+    """The few weights a SERAC memory's base identity hashes (SERAC never changes weights)."""
     params = dict(model.named_parameters())
     names: list[str] = []
     try:
@@ -346,7 +348,7 @@ def _cheap_identity(model: nn.Module) -> dict[str, str]:
                  if n in params]
     except Exception:  # noqa: BLE001 - unknown architecture: fall back to the smallest tensors
         names = sorted(params, key=lambda n: (params[n].numel(), n))[:4]
-    return {"name": model_name(model), "hash": tensor_hash({n: params[n] for n in names})}
+    return names
 
 
 def _tokenizer_for(model: nn.Module) -> PreTrainedTokenizerBase:
@@ -515,7 +517,7 @@ class Router:
             news = ed.counterfactual_generate_batch(self, [d for _, d in items], [rows[b] for b, _ in items],
                                                     tok, width, kwargs)
             new_rows.update({b: new for (b, _), new in zip(items, news)})
-        pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+        pad = pad_id(tok)
         total = max([sequences.shape[1]] + [width + len(v) for v in new_rows.values()])
         merged = torch.full((sequences.shape[0], total), pad, dtype=sequences.dtype, device=sequences.device)
         merged[:, : sequences.shape[1]] = sequences
@@ -621,7 +623,7 @@ class SERAC(Editor):
     @torch.no_grad()
     def embed(self, descriptors: Sequence[str]) -> Tensor:
         clf, bs = self.load_classifier(), self.hparams.batch_size
-        return torch.cat([clf.embed(descriptors[i:i + bs]) for i in range(0, len(descriptors), bs)]).cpu()
+        return torch.cat([clf.embed(part) for part in chunks(descriptors, bs)]).cpu()
 
     # ----------------------------------------------------------------- Editor
 
@@ -634,7 +636,7 @@ class SERAC(Editor):
         emb = self.embed(descriptors) if hp.classifier_kind == "embedding" else None
         return SERACMemory(descriptors=descriptors, prompts=[r.prompt for r in reqs],
                            targets=[r.target_new for r in reqs], embeddings=emb,
-                           base=_cheap_identity(model), editor_ref=self.ref(), editor=self,
+                           base=identity(model, _identity_names(model)), editor_ref=self.ref(), editor=self,
                            tokenizer=tokenizer)
 
     def ref(self) -> dict[str, Any]:
@@ -708,7 +710,7 @@ class SERAC(Editor):
             return [self.counterfactual_logits(router, d, r, tok) for d, r in zip(descriptors, rows)]
         out: list[Tensor] = []
         device = self._cf_device(router)
-        pad = self.cf_tokenizer.pad_token_id if self.cf_tokenizer.pad_token_id is not None else 0
+        pad = pad_id(self.cf_tokenizer)
         bs = max(1, min(self.hparams.batch_size, 32))
         for k in range(0, len(rows), bs):
             seqs, firsts = [], []
@@ -776,7 +778,7 @@ class SERAC(Editor):
         seq = prefix + body
         device = self._cf_device(router)
         ids = torch.tensor([seq], device=device)
-        pad = cft.pad_token_id if cft.pad_token_id is not None else cft.eos_token_id
+        pad = pad_id(cft)
         call = router.base_generate if self.cf_model is None else self.cf_model.generate
         out = call(input_ids=ids, attention_mask=torch.ones_like(ids), pad_token_id=pad, **kwargs)
         out = out.sequences if hasattr(out, "sequences") else out
@@ -803,7 +805,7 @@ class SERAC(Editor):
             kwargs.pop(key, None)
         seqs = [self._prefix_ids(d) + self._strip_bos(r, tok)[0] for d, r in zip(descriptors, rows)]
         n = max(len(q) for q in seqs)
-        pad = cft.pad_token_id if cft.pad_token_id is not None else cft.eos_token_id
+        pad = pad_id(cft)
         device = self._cf_device(router)
         ids = torch.tensor([[pad] * (n - len(q)) + q for q in seqs], device=device)
         att = torch.tensor([[0] * (n - len(q)) + [1] * len(q) for q in seqs], device=device)

@@ -38,10 +38,11 @@ from torch import Tensor, nn
 
 from kedit.data.encode import IGNORE, encode, target_logprobs
 from kedit.data.request import EditRequest
-from kedit.editors.locate import (LocateHparams, Row, _cache_kwarg, _out_cache, _pad_id, frozen, rewrite_rows,
+from kedit.editors.locate import (LocateHparams, Row, _cache_kwarg, _out_cache, frozen, rewrite_rows,
                                   subject_last_index)
 from kedit.hooks import skip, trace
 from kedit.models.arch import arch_of
+from kedit.utils import kl_divergence, pad_id
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +116,7 @@ def value_loss(logits: Tensor, rows: RowTable, delta: Tensor, v_norm: Tensor, kl
     loss = nll
     if rows.kl.any():
         kl_logp = kl_logprobs(logits, rows)
-        kl_row = (kl_logp.exp() * (kl_logp - kl_init[rows.request[rows.kl]])).sum(-1)  # KL(P_δ ‖ P)
+        kl_row = kl_divergence(kl_logp, kl_init[rows.request[rows.kl]])  # KL(P_δ ‖ P)
         loss = loss + hp.kl_factor * torch.zeros(n, device=delta.device).index_add(0, rows.request[rows.kl], kl_row)
     loss = loss + hp.v_weight_decay * delta.norm(dim=-1) / v_norm ** 2
     return loss * active, nll, missed
@@ -214,7 +215,7 @@ class Layout:
         seqs = _token_rows(tokenizer, requests, rows)
         subject = [subject_last_index(tokenizer, r.text, r.subject_end) for r in rows]
         split = subject if use_prefix else [0] * len(rows)
-        pad = _pad_id(tokenizer)
+        pad = pad_id(tokenizer)
         P = max(split)
         S = max(len(ids) - s for (ids, _), s in zip(seqs, split))
         pre_ids, pre_mask, suf_ids, suf_mask, suf_lab, suf_pos = [], [], [], [], [], []

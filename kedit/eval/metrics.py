@@ -19,6 +19,8 @@ import torch
 from torch import Tensor
 from torchmetrics import Metric
 
+from kedit import utils
+
 
 def nanmean(values: Sequence[float]) -> float:
     """Mean of the values that are not NaN (NaN when none is)."""
@@ -57,8 +59,7 @@ def top1_agreement(pre_top1: Tensor, post_top1: Tensor, mask: Tensor) -> Tensor:
 
 def kl_divergence(logp_pre: Tensor, logp_post: Tensor) -> Tensor:
     """KL(pre || post) over the last dimension, from log-probabilities (nats)."""
-    logp_pre, logp_post = logp_pre.double(), logp_post.double()
-    return (logp_pre.exp() * (logp_pre - logp_post)).sum(-1).float()
+    return utils.kl_divergence(logp_pre.double(), logp_post.double()).float()
 
 
 def perplexity(nll_sum: float | Tensor, n_tokens: int | Tensor) -> float:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -200,13 +199,13 @@ def log_wandb(results: Results, project: str, config: Mapping[str, Any] | None =
     Online when ``WANDB_API_KEY`` is set or ``wandb login`` wrote ~/.netrc (as the trainers'
     :class:`kedit.lightning.common.WandbLogger`), else offline (``wandb sync`` uploads it later);
     ``WANDB_MODE`` in the environment wins over both."""
-    from kedit.lightning.common import wandb_key_configured
     from kedit.lightning.wandb_tmp import import_wandb
+    from kedit.utils import wandb_mode
 
     import_wandb()
     import wandb
 
-    mode = None if os.environ.get("WANDB_MODE") else "online" if wandb_key_configured() else "offline"
+    mode = wandb_mode()
     if mode == "offline":
         log.info("no W&B key configured: logging offline (upload later with `wandb sync`)")
     meta = {k: v for k, v in results.meta.items() if k not in ("edit_seconds", "metrics")}

@@ -18,11 +18,8 @@ to post-edit ones.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
-import resource
-import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, is_dataclass, replace
@@ -30,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
@@ -40,6 +37,8 @@ from kedit.eval import metrics as M
 from kedit.eval.results import METRICS, Results
 from kedit.eval.scorer import Ref, Scorer
 from kedit.eval.scoring import model_device
+from kedit.identity import fingerprint, full_hash_default, state_digest
+from kedit.utils import chunks, peak_rss_mb
 
 log = logging.getLogger(__name__)
 
@@ -78,41 +77,9 @@ class EvalConfig:
     eval_group: int = 16
     """Requests scored together (pre-edit references of a group are held in memory)."""
     check_restore: bool = True
-    """Check after each restore that the model is bit-exactly what it was (fingerprint), and
-    compare a full sha256 of the weights at the start and the end."""
-
-
-# --------------------------------------------------------------------------- model integrity
-
-
-def state_hash(model: nn.Module) -> str:
-    """sha256 over every parameter and buffer (names, dtypes, bytes)."""
-    h = hashlib.sha256()
-    for name, t in sorted(model.state_dict(keep_vars=False).items()):
-        t = t.detach().contiguous().cpu()
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
-
-
-def _bits(t: Tensor) -> Tensor:
-    size = t.element_size()
-    view = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[size]
-    return t.detach().contiguous().view(view)
-
-
-def fingerprint(model: nn.Module) -> tuple:
-    """A fast summary of the weights' bit patterns and of the installed hooks.
-
-    Any change of weights restored by copying would almost surely change it; it is a cheap
-    per-request check, with :func:`state_hash` as the exact one at the ends of a run.
-    """
-    sums = tuple(int(_bits(t).sum(dtype=torch.int64)) for _, t in sorted(model.state_dict().items()))
-    # transformers installs its own output-capturing hooks lazily (output_hidden_states=True)
-    # and keeps them: count only hooks from elsewhere (an edit's routing hooks)
-    hooks = sum(1 for m in model.modules() for h in (*m._forward_hooks.values(), *m._forward_pre_hooks.values())
-                if not str(getattr(h, "__module__", "")).startswith("transformers."))
-    return sums, hooks
+    """Check after each restore that the model is bit-exactly what it was (its fingerprint,
+    :func:`kedit.identity.fingerprint`), and compare a digest of all weights at the start and
+    the end: the cheap per-row digest, or a full sha256 with ``KEDIT_FULL_HASH=1``."""
 
 
 class RestoreError(RuntimeError):
@@ -157,7 +124,7 @@ def evaluate(
     reused = _check_reuse(reuse_pre, reqs, cfg)
     was_training = model.training
     model.eval()
-    start_hash = state_hash(model) if cfg.check_restore else None
+    start_hash = state_digest(model, full=full_hash_default()) if cfg.check_restore else None
     bar = tqdm(total=len(reqs), desc=f"{mode} {type(editor).__name__}", unit="req", disable=not progress)
     run = _Run(model, tokenizer, editor, reqs, cfg, reused, bar, on_result, on_curve)
     try:
@@ -166,7 +133,7 @@ def evaluate(
         run.bar.close()
         if was_training:
             model.train()
-    if cfg.check_restore and state_hash(model) != start_hash:
+    if cfg.check_restore and state_digest(model, full=full_hash_default()) != start_hash:
         raise RestoreError("the model's weights differ from the start of the evaluation (sha256)")
     return run.results(mode, step, ppl_post)
 
@@ -214,7 +181,7 @@ class _Run:
     def single(self, step: int) -> tuple[float, int]:
         """Each request alone: edit, score, restore. Pre-edit passes run over ``eval_group`` requests."""
         ppls = []
-        for group in _chunks(range(len(self.reqs)), self.cfg.eval_group):
+        for group in chunks(range(len(self.reqs)), self.cfg.eval_group):
             pre, refs = self._pre(group)
             for i, a, ref in zip(group, pre, refs):
                 edit = self._edit([i])
@@ -227,10 +194,10 @@ class _Run:
         """Chunks of ``step`` requests, one edit each, scored in sub-groups of ``eval_group``
         (pre-edit references of a sub-group only are held in memory)."""
         ppls = []
-        for chunk in _chunks(range(len(self.reqs)), step):
+        for chunk in chunks(range(len(self.reqs)), step):
             edit = self._edit(chunk)
             scored = []
-            subs = _chunks(chunk, self.cfg.eval_group)
+            subs = chunks(chunk, self.cfg.eval_group)
             for sub in subs:
                 pre, refs = self._pre(sub)
                 post, ppl = self._post(edit, sub, refs, chunk, with_ppl=sub is subs[-1])
@@ -248,7 +215,7 @@ class _Run:
         stack = EditStack()
         self._curve_point(0, min(points))
         try:
-            for chunk in _chunks(range(n), step):
+            for chunk in chunks(range(n), step):
                 edit = self._edit(chunk, history=stack)
                 if stack.is_applied:
                     stack.push(edit, self.model)
@@ -260,7 +227,7 @@ class _Run:
         finally:
             stack.restore(self.model)
         self._check("after restoring the sequential edit stack")
-        for group in _chunks(range(n), self.cfg.eval_group):
+        for group in chunks(range(n), self.cfg.eval_group):
             pre, refs = self._pre(group)
             with stack.applied(self.model):
                 post, _ = self.scorer.score([self.reqs[i] for i in group], refs)
@@ -351,7 +318,7 @@ class _Run:
             "edit_seconds_per_request": sum(seconds) / len(self.reqs) if seconds else None,
             "edit_seconds_total": sum(seconds),
             "eval_seconds": time.perf_counter() - self.t_start,
-            "peak_rss_mb": _peak_rss_mb(),
+            "peak_rss_mb": peak_rss_mb(),
             "cuda_peak_mb": max(self.timer.cuda_peaks) if self.timer.cuda_peaks else None,
             "config": asdict(self.cfg),
             "restore_checked": self.cfg.check_restore,
@@ -365,11 +332,6 @@ class _Run:
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def _peak_rss_mb() -> float:
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss / 1024 / 1024 if sys.platform == "darwin" else rss / 1024  # bytes on macOS, KiB on Linux
 
 
 class _Timer:
@@ -403,11 +365,6 @@ def _as_requests(requests: Any) -> list[EditRequest]:
     from kedit.editors.base import as_requests
 
     return as_requests(requests)
-
-
-def _chunks(items: Sequence[int], size: int) -> list[list[int]]:
-    items, size = list(items), max(1, size)
-    return [items[i:i + size] for i in range(0, len(items), size)]
 
 
 def _pooled(ppls: list[tuple[float, int]]) -> tuple[float, int]:

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
 from kedit.data.encode import encode, model_inputs, target_ids, target_logits
+from kedit.utils import chunks
 
 log = logging.getLogger(__name__)
 
@@ -30,11 +31,6 @@ def model_device(model: nn.Module) -> torch.device:
 
 def is_seq2seq(model: nn.Module) -> bool:
     return bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
-
-
-def _chunks(n: int, size: int) -> list[range]:
-    size = max(1, size)
-    return [range(i, min(i + size, n)) for i in range(0, n, size)]
 
 
 @dataclass
@@ -72,7 +68,7 @@ def score_targets(model: nn.Module, tokenizer: PreTrainedTokenizerBase, prompts:
     logps, corrects, lengths = torch.zeros(n), torch.zeros(n, dtype=torch.long), torch.zeros(n, dtype=torch.long)
     top1: list[Tensor | None] = [None] * n
     nxt: Tensor | None = None
-    for chunk in _chunks(n, batch_size):
+    for chunk in chunks(range(n), batch_size):
         idx = [order[j] for j in chunk]
         batch = encode(tokenizer, [prompts[i] for i in idx], [targets[i] for i in idx],
                        seq2seq=seq2seq, device=device)
@@ -104,7 +100,7 @@ def next_token_logprobs(model: nn.Module, tokenizer: PreTrainedTokenizerBase, pr
     seq2seq = is_seq2seq(model)
     device = model_device(model)
     out = []
-    for idx in _chunks(len(prompts), batch_size):
+    for idx in chunks(range(len(prompts)), batch_size):
         batch = encode(tokenizer, [prompts[i] for i in idx], seq2seq=seq2seq, device=device)
         if seq2seq:
             start = model.config.decoder_start_token_id or 0
@@ -145,7 +141,7 @@ def generate(model: nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: Sequ
     # so that little of the batch is left padding
     order = sorted(range(len(prompts)), key=lambda i: (budgets[i], len(prompts[i])))
     texts: list[str] = [""] * len(prompts)
-    for idx in _chunks(len(order), batch_size):
+    for idx in chunks(range(len(order)), batch_size):
         members = [order[i] for i in idx]
         with _left_padding(tokenizer):
             enc = tokenizer([prompts[i] for i in members], return_tensors="pt", padding=True).to(device)

@@ -249,7 +249,7 @@ class SERACModule(EditorCheckpointMixin, LightningModule):
         clf = self.editor.classifier
         trainable = [n for n in self.state_dict() if n.startswith("editor.classifier.")]
         return {"classifier_trainable": [n[len("editor.classifier."):] for n in trainable],
-                "classifier_frozen_hash": _frozen_hash(clf, {n[len("editor.classifier."):] for n in trainable}),
+                "classifier_frozen_hash": clf.frozen_identity({n[len("editor.classifier."):] for n in trainable}),
                 "counterfactual_delta": self.editor.counterfactual.names}
 
     def as_editor(self) -> SERAC:
@@ -392,9 +392,3 @@ class SERACModule(EditorCheckpointMixin, LightningModule):
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self._step(batch, "val")
-
-
-def _frozen_hash(clf: ScopeClassifier, trained: set[str]) -> str:
-    from kedit.identity import tensor_hash
-
-    return tensor_hash({n: p for n, p in clf.named_parameters() if n not in trained})
