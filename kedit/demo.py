@@ -19,6 +19,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from kedit.eval.scoring import AnswerRow, answers
+
 log = logging.getLogger(__name__)
 
 # The fact to edit and the prompts to watch: the edited prompt, a paraphrase (should follow
@@ -41,22 +43,9 @@ ONE_TIME = ("kedit.models.loading", "kedit.stats")
 
 
 @dataclass
-class Row:
-    kind: str
-    prompt: str
-    before: str
-    after: str | None = None
+class Row(AnswerRow):
     restored: str | None = None
-
-
-def answer(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 6) -> list[str]:
-    """Greedy continuation of each prompt, on one line (batched: :func:`kedit.eval.scoring.generate`)."""
-    import torch
-
-    from kedit.eval.scoring import generate
-
-    with torch.no_grad():
-        return [" ".join(text.split()) for text in generate(model, tokenizer, prompts, max_new_tokens)]
+    """The answer after the edit is restored (must equal ``before``)."""
 
 
 def demo_request(target_new: str = EDIT_TARGET_NEW) -> dict:
@@ -89,9 +78,9 @@ def compare(model, tokenizer, rows: list[Row], edit, max_new_tokens: int) -> Non
     """Fill ``after`` (edit applied) and ``restored`` (after restoring) of each row."""
     prompts = [r.prompt for r in rows]
     with edit.applied(model):
-        for row, text in zip(rows, answer(model, tokenizer, prompts, max_new_tokens)):
+        for row, text in zip(rows, answers(model, tokenizer, prompts, max_new_tokens)):
             row.after = text
-    for row, text in zip(rows, answer(model, tokenizer, prompts, max_new_tokens)):
+    for row, text in zip(rows, answers(model, tokenizer, prompts, max_new_tokens)):
         row.restored = text
 
 
@@ -147,7 +136,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     prompts = [("edit", EDIT_PROMPT)] + [("paraphrase", p) for p in PARAPHRASES] + \
               [("neighbour", p) for p in NEIGHBOURS]
-    before = answer(model, tok, [p for _, p in prompts], args.max_new_tokens)
+    before = answers(model, tok, [p for _, p in prompts], args.max_new_tokens)
     rows = [Row(kind, prompt, text) for (kind, prompt), text in zip(prompts, before)]
 
     edited = False

@@ -34,7 +34,7 @@ def test_demo_answers_only(tiny_folder, capsys):
     prompts = [demo.EDIT_PROMPT, *demo.PARAPHRASES, *demo.NEIGHBOURS]
     assert [r[1] for r in rows] == prompts
     model, tok = load_model(tiny_folder)
-    assert [r[2] for r in rows] == demo.answer(model, tok, prompts, 2)
+    assert [r[2] for r in rows] == demo.answers(model, tok, prompts, 2)
 
 
 def test_demo_edit_applied_then_restored(tiny_folder, capsys, monkeypatch):

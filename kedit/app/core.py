@@ -31,7 +31,7 @@ from torch import nn
 
 from kedit.data import EditRequest, Probe, RequestError, to_requests
 from kedit.editors.base import Edit, EditMismatchError, Editor, EditStack, EditStateError
-from kedit.eval.scoring import generate, score_targets
+from kedit.eval.scoring import AnswerRow, answers, generate, score_targets
 from kedit.identity import fingerprint, state_digest
 
 log = logging.getLogger(__name__)
@@ -64,7 +64,8 @@ def first_word(text: str) -> str:
 
 
 ONE_TIME = ("kedit.stats", "kedit.models.loading")
-"""Loggers that announce one-time costs (statistics, dequantizing): forwarded to the page."""
+"""Loggers that announce one-time costs (statistics, dequantizing): forwarded to the page (as
+:data:`kedit.demo.ONE_TIME` prints them)."""
 
 
 @contextmanager
@@ -166,13 +167,9 @@ def example_fields(label: str) -> dict[str, str]:
 
 
 @dataclass
-class Row:
-    """One prompt of the before/after comparison."""
+class Row(AnswerRow):
+    """One prompt of the before/after comparison, with the target probabilities."""
 
-    kind: str
-    prompt: str
-    before: str
-    after: str | None = None
     old: str = ""
     """The old target whose probability is shown (the record's, else the first word before)."""
     p_old: tuple[float, float | None] = (0.0, None)
@@ -299,7 +296,7 @@ class Workbench:
 
     def _answers(self, prompts: Sequence[str]) -> list[str]:
         def compute(ps: list[str]) -> list[str]:
-            return [" ".join(t.split()) for t in generate(self.model, self.tok, ps, self.max_new_tokens)]
+            return answers(self.model, self.tok, ps, self.max_new_tokens)
 
         return self._cached(f"answer/{self.max_new_tokens}", list(prompts), compute)
 

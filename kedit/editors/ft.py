@@ -38,7 +38,7 @@ from transformers import PreTrainedTokenizerBase
 from kedit.data import encode
 from kedit.data.encode import target_logits
 from kedit.data.request import EditRequest
-from kedit.editors.base import Editor, Requests, WeightDelta, as_requests, base_identity
+from kedit.editors.base import Editor, WeightDelta, base_identity
 from kedit.models.arch import Arch, arch_of
 from kedit.utils import check_layers, chunks, depth_layer
 
@@ -215,9 +215,8 @@ class FTL(Editor):
     name = "ft-l"
     Hparams = FTLHparams
 
-    def edit(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, requests: Requests, history=()) -> WeightDelta:
+    def edit(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, requests: list[EditRequest]) -> WeightDelta:
         hp = self.hparams
-        reqs = as_requests(requests)
         arch = arch_of(model)
         layers = resolve_layers(hp.layers, arch, model)
         names = [arch.mlp_out_weight(layer) for layer in layers]
@@ -239,10 +238,10 @@ class FTL(Editor):
                          weight_decay=hp.weight_decay, batch_size=hp.batch_size, objective=hp.objective,
                          early_stop_loss=hp.early_stop_loss, progress=hp.progress,
                          project=project if eps is not None else None)
-        stats = fit(model, tokenizer, reqs, spec, self.name)
+        stats = fit(model, tokenizer, requests, spec, self.name)
         log.debug("%s: layers %s, %s", self.name, layers, stats)
         return WeightDelta(dense={n: d.detach() for n, d in delta.items()}, base=base,
-                           info={"editor": self.name, "layers": layers, "n_requests": len(reqs), **stats,
+                           info={"editor": self.name, "layers": layers, "n_requests": len(requests), **stats,
                                  "hparams": dataclasses.asdict(hp)})
 
 

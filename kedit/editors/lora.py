@@ -27,7 +27,8 @@ from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 from transformers.pytorch_utils import Conv1D
 
-from kedit.editors.base import Editor, Requests, WeightDelta, as_requests, base_identity
+from kedit.data.request import EditRequest
+from kedit.editors.base import Editor, WeightDelta, base_identity
 from kedit.editors.ft import TrainSpec, fit, resolve_layers, seeded
 from kedit.models.arch import Arch, arch_of, get_module
 
@@ -134,11 +135,10 @@ class LoRA(Editor):
     name = "lora"
     Hparams = LoRAHparams
 
-    def edit(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, requests: Requests, history=()) -> WeightDelta:
+    def edit(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, requests: list[EditRequest]) -> WeightDelta:
         from peft import LoraConfig
 
         hp = self.hparams
-        reqs = as_requests(requests)
         arch = arch_of(model)
         layers = resolve_layers(hp.layers, arch, model)
         modules = target_modules(arch, model, layers, hp.modules)
@@ -172,10 +172,10 @@ class LoRA(Editor):
                          weight_decay=hp.weight_decay, batch_size=hp.batch_size, objective="target",
                          early_stop_loss=hp.early_stop_loss, progress=hp.progress, context=routed)
         with seeded(hp.seed):
-            stats = fit(model, tokenizer, reqs, spec, self.name)
+            stats = fit(model, tokenizer, requests, spec, self.name)
         factors = {f"{name}.weight": merged_factors(layer, arch) for name, layer in lora.items()}
         weights = list(factors)
         log.debug("%s: %d modules in layers %s, %s", self.name, len(modules), layers, stats)
         return WeightDelta(factors=factors, base=base_identity(model, weights),
                            info={"editor": self.name, "layers": layers, "modules": modules,
-                                 "n_requests": len(reqs), **stats, "hparams": dataclasses.asdict(hp)})
+                                 "n_requests": len(requests), **stats, "hparams": dataclasses.asdict(hp)})

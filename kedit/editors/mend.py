@@ -345,7 +345,7 @@ class MEND(Editor):
         return save_artifact(path, self.name, tensors, self.hparams.as_dict(), self.base, {**own, **(extra or {})})
 
     # -- editing
-    def edit(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, requests: Requests, history=()) -> WeightDelta:
+    def edit(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, requests: Requests) -> WeightDelta:
         """One forward + backward on the edit prompts, then the hypernetwork (Eq. 5).
 
         Several requests are edited together: their ΔW are summed (factors concatenated).

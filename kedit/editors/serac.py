@@ -627,7 +627,7 @@ class SERAC(Editor):
 
     # ----------------------------------------------------------------- Editor
 
-    def edit(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, requests: Requests, history=()) -> SERACMemory:
+    def edit(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, requests: Requests) -> SERACMemory:
         """Store the requests as edit descriptors (with cached embeddings); the model is untouched."""
         reqs = as_requests(requests)
         self.prepare(model, tokenizer)

@@ -160,6 +160,24 @@ def generate(model: nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: Sequ
     return texts
 
 
+def answers(model: nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str],
+            max_new_tokens: int = 6) -> list[str]:
+    """Greedy continuation of each prompt on one line (whitespace collapsed): what the demo and
+    the app show as the model's answer."""
+    return [" ".join(text.split()) for text in generate(model, tokenizer, prompts, max_new_tokens)]
+
+
+@dataclass
+class AnswerRow:
+    """One prompt's greedy answers before and after an edit (the demo's and the app's tables)."""
+
+    kind: str
+    """"edit", "paraphrase", "neighbour", ..."""
+    prompt: str
+    before: str
+    after: str | None = None
+
+
 def _greedy_seq2seq(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, steps: int) -> Tensor:
     """Greedy decoding of an encoder-decoder without a KV cache (answers are a few tokens;
     ``generate``'s cache breaks on decoders deeper than their encoders)."""
