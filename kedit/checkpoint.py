@@ -139,8 +139,13 @@ def load_editor_artifact(path: str | Path, editor_name: str, hparams_cls: type
     file = artifact_file(path)
     if meta["editor"] != editor_name:
         raise EditFileError(f"{file} holds a {meta['editor']!r} editor, not {editor_name!r}")
+    values = dict(meta["hparams"])
+    for key, noop in getattr(hparams_cls, "RETIRED", {}).items():  # removed fields, at their no-op value
+        if key in values and values.pop(key) != noop:
+            raise EditFileError(f"{file}: field '{META_KEY}.hparams.{key}': this hyperparameter was removed; "
+                                f"only its no-op value {noop!r} still loads")
     try:
-        hparams = hparams_from_dict(hparams_cls, meta["hparams"])
+        hparams = hparams_from_dict(hparams_cls, values)
     except ValueError as err:
         raise EditFileError(f"{file}: field '{META_KEY}.hparams': {err}") from None
     return tensors, meta, file, hparams

