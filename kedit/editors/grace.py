@@ -56,8 +56,7 @@ from transformers import PreTrainedTokenizerBase
 
 from kedit.data.encode import encode, model_inputs, target_ids
 from kedit.data.request import EditRequest
-from kedit.editors.base import (Edit, Editor, EditStateError, InvalidEditError, require, require_base,
-                                require_strs)
+from kedit.editors.base import Edit, Editor, EditStateError, InvalidEditError, require, require_base
 from kedit.hooks import run_until, trace
 from kedit.identity import EditMismatchError, identity, matches, model_name
 from kedit.models.arch import arch_of
@@ -217,6 +216,7 @@ class Adaptor:
     def __init__(self, module: nn.Module) -> None:
         self.book = Codebook()
         self.joined: list[tuple[GRACEEdit, dict[Ref, Entry]]] = []
+        self.module = module
         self.handle = module.register_forward_hook(self.hook)
         module.__dict__[self.ATTR] = self
 
@@ -229,15 +229,22 @@ class Adaptor:
         return route(h, out, *self.book.tables(h.device))
 
     def push(self, edit: GRACEEdit) -> None:
-        self.joined.append((edit, self.book.join(edit)))
+        try:
+            self.joined.append((edit, self.book.join(edit)))
+        finally:
+            self.close_if_empty()
 
-    def pop(self, edit: GRACEEdit, module: nn.Module) -> None:
+    def pop(self, edit: GRACEEdit) -> None:
         if not self.joined or self.joined[-1][0] is not edit:
             raise EditStateError("GRACE edits at one layer must be restored in reverse order of apply")
         self.book.leave(*self.joined.pop())
+        self.close_if_empty()
+
+    def close_if_empty(self) -> None:
+        """The hook goes with the last edit (or with a first edit that failed to join)."""
         if not self.joined:
             self.handle.remove()
-            del module.__dict__[self.ATTR]
+            self.module.__dict__.pop(self.ATTR, None)
 
 
 # --------------------------------------------------------------------------- the edit
@@ -285,7 +292,7 @@ class GRACEEdit(Edit):
     def restore(self, model: nn.Module) -> None:
         if self._module is None:
             raise EditStateError("GRACE edit is not applied")
-        self._module.__dict__[Adaptor.ATTR].pop(self, self._module)
+        self._module.__dict__[Adaptor.ATTR].pop(self)
         self._module = None
 
     def state(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
