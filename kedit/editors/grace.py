@@ -159,14 +159,17 @@ class Codebook:
     def nearest(self, q: Tensor) -> tuple[float, Ref]:
         """(‖q − k_{i*}‖, reference of i*) for one query (d_in,)."""
         keys = self.tables(q.device)[0]
-        dist, i = distances(q[None], keys)[0].min(0)
-        return float(dist), list(self.entries)[int(i)]
+        dist, i = nearest_keys(q[None], keys)
+        return float(dist[0]), list(self.entries)[int(i[0])]
 
 
-def distances(q: Tensor, keys: Tensor) -> Tensor:
-    """(N, M) Euclidean distances in fp32, computed directly (no ‖a‖² + ‖b‖² − 2ab cancellation:
-    a key's own query is at distance exactly 0)."""
-    return torch.cdist(q.float(), keys, compute_mode="donot_use_mm_for_euclid_dist")
+def nearest_keys(q: Tensor, keys: Tensor) -> tuple[Tensor, Tensor]:
+    """For queries (N, d_in): (‖q − k_{i*}‖ (N,), i* (N,)), fp32. The argmin uses cdist's fast
+    matrix-product form; the distance to the chosen key is then computed directly (no
+    ‖q‖² + ‖k‖² − 2qk cancellation: a key's own query is at distance exactly 0)."""
+    q = q.float()
+    nearest = torch.cdist(q, keys).argmin(-1)
+    return (q - keys[nearest]).norm(dim=-1), nearest
 
 
 def route(h: Tensor, out: Tensor, keys: Tensor, values: Tensor, radii: Tensor) -> Tensor:
@@ -174,7 +177,7 @@ def route(h: Tensor, out: Tensor, keys: Tensor, values: Tensor, radii: Tensor) -
     if not len(keys):
         return out
     q = h.reshape(-1, h.shape[-1])
-    dist, nearest = distances(q, keys).min(-1)
+    dist, nearest = nearest_keys(q, keys)
     hit = dist.double() <= radii[nearest]
     if not hit.any():
         return out  # deferred everywhere: the layer's own output, bit for bit
@@ -376,7 +379,10 @@ class GRACE(Editor):
 
     def edit(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, requests: Sequence[EditRequest],
              history: Sequence[Edit] = ()) -> GRACEEdit:
-        name = arch_of(model).mlp_out_module(self.layer(model))
+        arch = arch_of(model)
+        if arch.encoder_decoder:
+            raise ValueError(f"GRACE in kedit edits decoder-only models; {model_name(model)!r} is encoder-decoder")
+        name = arch.mlp_out_module(self.layer(model))
         book = Codebook.replay(e for e in history if isinstance(e, GRACEEdit) and e.module == name)
         before = dict(book.entries)
         edit = GRACEEdit(module=name)
