@@ -29,10 +29,13 @@ Where kedit deviates from the official code (/work/shared/papers/grace.md, pitfa
   The official ``replace_prompt`` (T5 encoder positions ``[0, t*)``) has no decoder-only meaning.
 * Labels are compared as exact token sequences (pitfall 4: the official mean of label ids collides).
 * The cold value is drawn from a generator seeded with ``seed``: the editor is a pure function.
+* A batch of requests becomes one edit, made one request after another (a stream of single edits).
+  While a value is trained, the layer routes through the codebook being edited (history plus the
+  requests before it), in place of the applied adaptor's.
 
-Sequence state. A :class:`GRACEEdit` holds the entries it added (referenced as ``(uid, index)``)
-and ``overrides``: the new state of earlier edits' entries that its maintenance changed (a split
-radius, an expanded or moved key, a retrained value). The codebook an edit is computed against is
+Sequence state. A :class:`GRACEEdit` holds the entries it added (referenced as ``(uid, index)``,
+``uid`` a random id of the edit) and ``overrides``: the new state of earlier edits' entries that
+its maintenance changed (a split radius, an expanded or moved key, a retrained value). The codebook an edit is computed against is
 replayed from the GRACE edits in ``history`` (:meth:`Codebook.replay`). Applied edits join the
 one :class:`Adaptor` of their layer: a forward hook serving the union of their codebooks (nearest
 key across all entries, as GRACE does). Joining swaps the overrides in and keeps the entries they
