@@ -9,7 +9,16 @@ import torch
 from kedit.data import encode
 from kedit.editors import Edit, EditMismatchError, EditStack
 from kedit.editors.base import EditStateError
-from kedit.editors.grace import GRACE, SPLIT_MARGIN, Adaptor, Codebook, GRACEEdit, GRACEHparams, maintain, route
+from kedit.editors.grace import (
+    GRACE,
+    SPLIT_MARGIN,
+    Adaptor,
+    Codebook,
+    GRACEEdit,
+    GRACEHparams,
+    maintain,
+    route,
+)
 from kedit.hooks import run_until, trace
 from kedit.testing import tiny_model
 

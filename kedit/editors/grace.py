@@ -59,7 +59,14 @@ from transformers import PreTrainedTokenizerBase
 
 from kedit.data.encode import encode, model_inputs, target_ids
 from kedit.data.request import EditRequest
-from kedit.editors.base import Edit, Editor, EditStateError, InvalidEditError, require, require_base
+from kedit.editors.base import (
+    Edit,
+    Editor,
+    EditStateError,
+    InvalidEditError,
+    require,
+    require_base,
+)
 from kedit.hooks import run_until, trace
 from kedit.identity import EditMismatchError, identity, matches, model_name
 from kedit.models.arch import arch_of
@@ -322,7 +329,7 @@ class GRACEEdit(Edit):
         overrides = unpack(tensors, "overrides.", override_labels)
         stray = set(tensors) - {f"{p}{t}" for p in ("", "overrides.") for t in ("keys", "values", "radii")}
         if stray:
-            raise InvalidEditError(f"unexpected tensor {sorted(stray)[0]!r}")
+            raise InvalidEditError(f"unexpected tensor {min(stray)!r}")
         return cls(module=require(meta, "module", str), entries=entries, overrides=dict(zip(refs, overrides)),
                    base=require_base(meta), uid=require(meta, "uid", str))
 
