@@ -44,6 +44,8 @@ PAPER = {
     # untrained: identity hypernetwork, i.e. a plain gradient step of size edit_lr on the last MLPs
     "mend": dict(edit_lr=1.0, rank=8),
     "serac": dict(classifier="ngram", counterfactual=STUB_COUNTERFACTUAL),
+    # the official algorithm and radius; fewer value steps on a 3-block model
+    "grace": dict(n_iter=20),
 }
 
 EDIT_AWARE = dict(layers=[0], templates=[], kl_factor=0.0, edit_aware=True, prefix_cache=False, v_steps=25,
