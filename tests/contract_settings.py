@@ -44,6 +44,8 @@ PAPER = {
     # untrained: identity hypernetwork, i.e. a plain gradient step of size edit_lr on the last MLPs
     "mend": dict(edit_lr=1.0, rank=8),
     "serac": dict(classifier="ngram", counterfactual=STUB_COUNTERFACTUAL),
+    # MLP input projections as the LLaMA configs (gate + up), upper blocks; η scaled to d = 32 (paper 1e-6 at d = 4096)
+    "ultraedit": dict(modules={"mlp_in": [1, 2]}, lr=1e-3),
 }
 
 EDIT_AWARE = dict(layers=[0], templates=[], kl_factor=0.0, edit_aware=True, prefix_cache=False, v_steps=25,
