@@ -31,7 +31,7 @@ TURN_2 = [
     {"prompt": "The language of Brazil", "subject": "Brazil", "target_new": "is French"},
     {"prompt": "The river of Egypt", "subject": "Egypt", "target_new": "is the Danube"},
 ]
-SETTINGS = dict(modules={"mlp_in": [1, 2]}, lr=1e-3, micro_batch=2)
+SETTINGS = {"modules": {"mlp_in": [1, 2]}, "lr": 1e-3, "micro_batch": 2}
 """Two modules of one shape per block on LLaMA (gate, up: one shared normaliser), two micro-batches."""
 
 
@@ -78,7 +78,7 @@ def official_turn(model, tok, requests, names, normalizers, lr, micro_batch, con
         ans = labels != IGNORE
         seen = {}
 
-        def hook(name):
+        def hook(name, seen=seen):
             def fn(_m, inputs, out):
                 out.retain_grad()
                 seen[name] = (inputs[0], out)
@@ -157,6 +157,8 @@ def test_module_roles_follow_the_arch():
         edited_modules(gpt2, {"ffn": [0]})
     with pytest.raises(ValueError, match="out of range"):
         edited_modules(gpt2, {"mlp_out": [7]})
+    with pytest.raises(ValueError, match="more than once"):
+        edited_modules(llama, {"mlp_in": [0], "mlp_in.0": [0]})
 
 
 # --------------------------------------------------------------------------- sequence state

@@ -172,6 +172,9 @@ def edited_modules(model: nn.Module, modules: dict[str, list[int]]) -> list[str]
     for role, layers in modules.items():
         for layer in check_layers(layers, n, f"UltraEdit modules[{role!r}]"):
             names += _role_modules(arch, model, role, layer)
+    twice = sorted({m for m in names if names.count(m) > 1})
+    if twice:
+        raise ValueError(f"UltraEdit modules {modules}: {twice} named more than once")
     return names
 
 
@@ -240,29 +243,42 @@ class UltraEdit(Editor):
         """One turn on the model with ``history`` applied: cache, normalise, solve (module docstring)."""
         arch = arch_of(model)
         names = edited_modules(model, self.hparams.modules)
-        device = next(model.parameters()).device
-        stats = previous_stats(history, device)
-        keys: dict[str, list[Tensor]] = {n: [] for n in names}
-        grads: dict[str, list[Tensor]] = {n: [] for n in names}
-        for part in chunks(requests, self.hparams.micro_batch):
-            batch = encode(tokenizer, [r.prompt for r in part], [r.target_new for r in part],
-                           seq2seq=arch.encoder_decoder, device=device)
-            K, G = cache(model, batch, names, arch.encoder_decoder)
-            for n in names:  # step 2: every micro-batch updates the statistics before the solve
-                shape = shape_key(K[n], G[n])
-                z = torch.cat([K[n], G[n]], 1)
-                stats[shape] = stats.get(shape, Moments.empty(z.shape[1], device)).update(z)
-                keys[n].append(K[n])
-                grads[n].append(G[n])
+        stats = previous_stats(history, keys_device(model))
+        keys, grads, stats = self.turn_features(model, tokenizer, requests, names, stats)
         updates = {}
         for n in names:
-            K, G = torch.cat(keys[n]), torch.cat(grads[n])
-            z_hat = stats[shape_key(K, G)].normalise(torch.cat([K, G], 1))
-            D = target_change(z_hat[:, :K.shape[1]], z_hat[:, K.shape[1]:], self.hparams.lr)
-            updates[f"{n}.weight"] = arch.low_rank_factors(*ridge(K, D))
-        n_tokens = sum(k.shape[0] for k in keys[names[0]])
+            z_hat = stats[shape_key(keys[n], grads[n])].normalise(torch.cat([keys[n], grads[n]], 1))
+            d_in = keys[n].shape[1]
+            D = target_change(z_hat[:, :d_in], z_hat[:, d_in:], self.hparams.lr)
+            updates[f"{n}.weight"] = arch.low_rank_factors(*ridge(keys[n], D))
+        n_tokens = keys[names[0]].shape[0]
         info = {"method": self.name, "modules": names, "n_requests": len(requests), "n_tokens": n_tokens,
                 "lr": self.hparams.lr}
         packed = _packed(updates, base_identity(model, list(updates)), info)
         log.info("UltraEdit: %d requests, %d answer tokens, %d modules", len(requests), n_tokens, len(names))
         return UltraEditDelta(factors=packed.factors, dense=packed.dense, base=packed.base, info=info, stats=stats)
+
+    def turn_features(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, requests: Sequence[EditRequest],
+                      names: list[str], stats: dict[str, Moments]
+                      ) -> tuple[dict[str, Tensor], dict[str, Tensor], dict[str, Moments]]:
+        """Steps 1-2 over the micro-batches: ``K`` and ``G`` of the turn per module, and the statistics
+        updated with every micro-batch (modules in order) before any solve."""
+        seq2seq = arch_of(model).encoder_decoder
+        keys: dict[str, list[Tensor]] = {n: [] for n in names}
+        grads: dict[str, list[Tensor]] = {n: [] for n in names}
+        for part in chunks(requests, self.hparams.micro_batch):
+            batch = encode(tokenizer, [r.prompt for r in part], [r.target_new for r in part], seq2seq=seq2seq,
+                           device=keys_device(model))
+            K, G = cache(model, batch, names, seq2seq)
+            for n in names:
+                z = torch.cat([K[n], G[n]], 1)
+                shape = shape_key(K[n], G[n])
+                stats[shape] = stats.get(shape, Moments.empty(z.shape[1], z.device)).update(z)
+                keys[n].append(K[n])
+                grads[n].append(G[n])
+        return {n: torch.cat(k) for n, k in keys.items()}, {n: torch.cat(g) for n, g in grads.items()}, stats
+
+
+def keys_device(model: nn.Module) -> torch.device:
+    """Where the model's inputs (and the turn's keys, gradients and statistics) live."""
+    return next(model.parameters()).device
