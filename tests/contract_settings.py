@@ -46,6 +46,8 @@ PAPER = {
     "serac": dict(classifier="ngram", counterfactual=STUB_COUNTERFACTUAL),
     # the official algorithm and radius; fewer value steps on a 3-block model
     "grace": dict(n_iter=20),
+    # MLP input projections as the LLaMA configs (gate + up), upper blocks; η scaled to d = 32 (paper 1e-6 at d = 4096)
+    "ultraedit": dict(modules={"mlp_in": [1, 2]}, lr=1e-3),
 }
 
 EDIT_AWARE = dict(layers=[0], templates=[], kl_factor=0.0, edit_aware=True, prefix_cache=False, v_steps=25,

@@ -12,6 +12,7 @@ register("alphaedit", "kedit.editors.alphaedit:AlphaEdit")
 register("mend", "kedit.editors.mend:MEND")
 register("serac", "kedit.editors.serac:SERAC")
 register("grace", "kedit.editors.grace:GRACE")
+register("ultraedit", "kedit.editors.ultraedit:UltraEdit")
 
 __all__ = ["EDITORS", "Edit", "EditFileError", "EditMismatchError", "EditStack", "Editor", "InvalidEditError",
            "WeightDelta", "editor", "register"]
