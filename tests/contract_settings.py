@@ -44,6 +44,9 @@ PAPER = {
     # untrained: identity hypernetwork, i.e. a plain gradient step of size edit_lr on the last MLPs
     "mend": dict(edit_lr=1.0, rank=8),
     "serac": dict(classifier="ngram", counterfactual=STUB_COUNTERFACTUAL),
+    # no context templates, fewer steps; x_i from the in-memory sentences (tests/test_wise.py covers
+    # shards, saves and merges)
+    "wise": dict(templates=[], n_iter=30, irrelevant_corpus=list(CORPUS)),
 }
 
 EDIT_AWARE = dict(layers=[0], templates=[], kl_factor=0.0, edit_aware=True, prefix_cache=False, v_steps=25,

@@ -11,6 +11,7 @@ register("memit", "kedit.editors.memit:MEMIT")
 register("alphaedit", "kedit.editors.alphaedit:AlphaEdit")
 register("mend", "kedit.editors.mend:MEND")
 register("serac", "kedit.editors.serac:SERAC")
+register("wise", "kedit.editors.wise:WISE")
 
 __all__ = ["EDITORS", "Edit", "EditFileError", "EditMismatchError", "EditStack", "Editor", "InvalidEditError",
            "WeightDelta", "editor", "register"]
