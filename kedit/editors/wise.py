@@ -525,8 +525,11 @@ class WISE(Editor):
                     side.requires_grad_(True)
                     logits = model(**batch.inputs, use_cache=False).logits
                     d = act_distance(act, outs["main"], outs["side"], valid)
-                    total = edit_nll(logits[:-1], batch.labels[:-1]) + routing_loss(d[:-1], d[-1:], hp)
+                    nll, margin = edit_nll(logits[:-1], batch.labels[:-1]), routing_loss(d[:-1], d[-1:], hp)
+                    total = nll + margin
                     loss = total.item()
+                    log.debug("WISE step %d: nll %.4f, L_a %.4f, Δ(x_e) %.3f, Δ(x_i) %.3f", step, nll.item(),
+                              margin.item(), d[:-1].mean().item(), d[-1].item())
                     score = d[:-1].detach().view(batch.n_templates, n_requests).mean(0).min().item()
                     if abs(previous - loss) <= hp.early_stop_delta and loss <= hp.early_stop_loss:
                         break
