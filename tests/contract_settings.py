@@ -48,6 +48,9 @@ PAPER = {
     "grace": dict(n_iter=20),
     # MLP input projections as the LLaMA configs (gate + up), upper blocks; η scaled to d = 32 (paper 1e-6 at d = 4096)
     "ultraedit": dict(modules={"mlp_in": [1, 2]}, lr=1e-3),
+    # no context templates, fewer steps; x_i from the in-memory sentences (tests/test_wise.py covers
+    # shards, saves and merges)
+    "wise": dict(templates=[], n_iter=30, irrelevant_corpus=list(CORPUS)),
 }
 
 EDIT_AWARE = dict(layers=[0], templates=[], kl_factor=0.0, edit_aware=True, prefix_cache=False, v_steps=25,

@@ -13,6 +13,7 @@ register("mend", "kedit.editors.mend:MEND")
 register("serac", "kedit.editors.serac:SERAC")
 register("grace", "kedit.editors.grace:GRACE")
 register("ultraedit", "kedit.editors.ultraedit:UltraEdit")
+register("wise", "kedit.editors.wise:WISE")
 
 __all__ = ["EDITORS", "Edit", "EditFileError", "EditMismatchError", "EditStack", "Editor", "InvalidEditError",
            "WeightDelta", "editor", "register"]
