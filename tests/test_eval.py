@@ -112,6 +112,14 @@ def test_curve_checkpoints():
     assert _curve_checkpoints(7, 2, 4) == {4, 7}
 
 
+def test_curve_checkpoints_at_given_counts():
+    """``curve_at``: the curve at those counts (the next step boundary when one falls inside a
+    step), always at the end, counts past the end dropped; ``every`` is ignored."""
+    assert _curve_checkpoints(1000, 1, 3, [10, 100, 500, 1000]) == {10, 100, 500, 1000}
+    assert _curve_checkpoints(300, 1, 0, [10, 100, 500, 1000]) == {10, 100, 300}
+    assert _curve_checkpoints(10, 4, 0, [5]) == {8, 10}
+
+
 # --------------------------------------------------------------------------- scoring passes
 
 

@@ -72,6 +72,9 @@ class EvalConfig:
     """Tokens per document used for perplexity."""
     curve_every: int = 0
     """Sequential mode: record the retention/perplexity curve every this many edited requests (0: ~10 points)."""
+    curve_at: list[int] | None = None
+    """Sequential mode: record the curve after these numbers of edited requests instead (the first step
+    boundary at or past each; and at the end); ``curve_every`` is then ignored."""
     curve_generation: bool = True
     """Sequential mode: include generation-based success in the retention curve."""
     eval_group: int = 16
@@ -211,7 +214,7 @@ class _Run:
         """Steps of ``step`` requests, each edit computed on the model edited by the steps before
         (``history``); curve points at checkpoints; every request scored on the whole stack."""
         n = len(self.reqs)
-        points = _curve_checkpoints(n, step, self.cfg.curve_every)
+        points = _curve_checkpoints(n, step, self.cfg.curve_every, self.cfg.curve_at)
         stack = EditStack()
         self._curve_point(0, min(points))
         try:
@@ -372,10 +375,12 @@ def _pooled(ppls: list[tuple[float, int]]) -> tuple[float, int]:
     return sum(p[0] for p in ppls), sum(p[1] for p in ppls)
 
 
-def _curve_checkpoints(n: int, step: int, every: int) -> set[int]:
-    """Edited-request counts after which the curve is measured: multiples of ``every``, at
-    step boundaries, and the end."""
+def _curve_checkpoints(n: int, step: int, every: int, at: Sequence[int] | None = None) -> set[int]:
+    """Edited-request counts after which the curve is measured: multiples of ``every`` (or the
+    counts ``at``), at step boundaries, and the end."""
     ends = list(range(step, n, step)) + [n]
+    if at:
+        return {min(e for e in ends if e >= a) for a in at if a <= n} | {n}
     if every <= 0:
         every = max(step, math.ceil(n / 10))
     points, next_mark = set(), every
