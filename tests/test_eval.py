@@ -296,6 +296,26 @@ def test_sequential_is_stacked_not_independent(tiny, ppl_text):
     assert seq.per_request[0]["post"]["rewrite/p_new"] > single.per_request[0]["post"]["rewrite/p_new"]
 
 
+def test_sequential_full_curve(tiny, ppl_text):
+    """``curve_full``: curve points at ``curve_at`` also hold the paraphrase and locality scores of
+    the requests edited so far (against the pre-edit references, as the final scores) and the mean
+    edit time so far; the final scores are those of a run with light curves."""
+    model, tok = tiny("llama")
+    state = _state(model)
+    full = evaluate(model, tok, Boost(), REQUESTS, mode="sequential", ppl_path=ppl_text, curve_full=True,
+                    curve_at=[1, 3], **CFG)
+    assert_state_equal(model, state)
+    assert [c["n_edits"] for c in full.curves] == [0, 1, 3, 4]
+    start, end = full.curves[0], full.curves[-1]
+    assert "seen:paraphrase/es" not in start and "edit_seconds_mean" not in start
+    assert end["seen:paraphrase/acc"] == pytest.approx(full.summary["post"]["paraphrase/acc"])
+    assert end["seen:neighborhood/agree"] == pytest.approx(full.summary["post"]["neighborhood/agree"])
+    assert end["seen:neighborhood/kl"] == pytest.approx(full.summary["post"]["neighborhood/kl"])
+    assert end["edit_seconds_mean"] == pytest.approx(full.meta["edit_seconds_mean"])
+    light = evaluate(model, tok, Boost(), REQUESTS, mode="sequential", ppl_path=ppl_text, curve_at=[1, 3], **CFG)
+    assert "seen:paraphrase/es" not in light.curves[-1] and light.summary == full.summary
+
+
 def test_restore_failures_are_caught(tiny, ppl_text):
     model, tok = tiny("gpt2")
     state = _state(model)
