@@ -38,8 +38,9 @@ HERE = Path(__file__).resolve().parent
 OUT = HERE / "results"
 DATASETS = ("zsre:dev", "zsre:train")
 CURVE_KEYS = ("seen:rewrite/es", "seen:rewrite/acc", "seen:rewrite/gen", "seen:paraphrase/es", "seen:paraphrase/acc",
-              "seen:paraphrase/gen", "first10:rewrite/acc", "seen:neighborhood/agree", "general/ppl", "edit_seconds_mean")
-"""The columns of the comparison of curves (keys of the curve points; ``first10`` follows ``--curve-at``)."""
+              "seen:paraphrase/gen", "first:rewrite/acc", "seen:neighborhood/agree", "general/ppl", "edit_seconds_mean")
+"""The columns of the comparison of curves: keys of the curve points (``first:``: the retention of the
+first edits, ``first<k>:`` with k the first curve point)."""
 
 log = logging.getLogger("bench_lifelong")
 
@@ -87,7 +88,7 @@ def run(args, model, tok, editor_name: str, reqs: list, report: dict, pre=None):
                "results": res.to_dict()}
     (args.out / f"{name}.json").write_text(json.dumps(payload, indent=1, default=str))
     skipped = sum(r["skipped"] for r in report.values())
-    title = f"{editor_name}{' (' + args.tag + ')' if args.tag else ''}: {len(reqs)} sequential zsRE edits, SmolLM2-135M"
+    title = f"{editor_name}{' (' + args.tag + ')' if args.tag else ''}: {len(reqs)} sequential zsRE edits, {args.model}"
     md = res.to_markdown(title=title) + (f"\ndata: {json.dumps(report)} ({skipped} invalid records skipped); "
                                          f"run wall time {wall:.0f} s; config {args.config}; "
                                          f"hparams overrides {args.hparams}\n")
@@ -112,16 +113,19 @@ def compare(out: Path, n: int) -> Path | None:
         walls[label] = payload.get("run_wall_seconds")
     if not runs:
         return None
-    lines = [f"## Lifelong editing: {n} sequential zsRE edits, SmolLM2-135M", "",
+    model = next(iter(runs.values())).meta.get("model")
+    lines = [f"## Lifelong editing: {n} sequential zsRE edits, {model}", "",
              "Final scores (every request on the whole stack):", ""] + compare_markdown(runs)
     lines.append("| run wall seconds | | " + " | ".join("-" if walls[r] is None else f"{walls[r]:.0f}"
                                                      for r in runs) + " |")
-    lines += ["", "Curves (requests edited so far; first10: the first 10 edits):", "",
+    lines += ["", "Curves (seen: the requests edited so far; first: the first edits, as many as at the first point):",
+              "",
               "| run | edits | " + " | ".join(CURVE_KEYS) + " |", "| --- | ---: |" + " ---: |" * len(CURVE_KEYS)]
     for label, res in runs.items():
         for point in res.curves:
+            first = {f"first:{k.split(':')[-1]}": v for k, v in point.items() if k.startswith("first")}
             lines.append(f"| {label} | {point['n_edits']} | "
-                         + " | ".join(fmt(point.get(k), k.split(":")[-1]) for k in CURVE_KEYS) + " |")
+                         + " | ".join(fmt({**point, **first}.get(k), k.split(":")[-1]) for k in CURVE_KEYS) + " |")
     path = out / f"lifelong_compare_{n}.md"
     path.write_text("\n".join(lines) + "\n")
     return path
