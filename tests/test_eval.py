@@ -112,6 +112,14 @@ def test_curve_checkpoints():
     assert _curve_checkpoints(7, 2, 4) == {4, 7}
 
 
+def test_curve_checkpoints_at_given_counts():
+    """``curve_at``: the curve at those counts (the next step boundary when one falls inside a
+    step), always at the end, counts past the end dropped; ``every`` is ignored."""
+    assert _curve_checkpoints(1000, 1, 3, [10, 100, 500, 1000]) == {10, 100, 500, 1000}
+    assert _curve_checkpoints(300, 1, 0, [10, 100, 500, 1000]) == {10, 100, 300}
+    assert _curve_checkpoints(10, 4, 0, [5]) == {8, 10}
+
+
 # --------------------------------------------------------------------------- scoring passes
 
 
@@ -286,6 +294,26 @@ def test_sequential_is_stacked_not_independent(tiny, ppl_text):
     assert points == seq.curves and [p["n_edits"] for p in points] == [0, 1, 2]  # streamed as measured
     single = evaluate(model, tok, Boost(), reqs, mode="single", ppl_path=ppl_text, **CFG)
     assert seq.per_request[0]["post"]["rewrite/p_new"] > single.per_request[0]["post"]["rewrite/p_new"]
+
+
+def test_sequential_full_curve(tiny, ppl_text):
+    """``curve_full``: curve points at ``curve_at`` also hold the paraphrase and locality scores of
+    the requests edited so far (against the pre-edit references, as the final scores) and the mean
+    edit time so far; the final scores are those of a run with light curves."""
+    model, tok = tiny("llama")
+    state = _state(model)
+    full = evaluate(model, tok, Boost(), REQUESTS, mode="sequential", ppl_path=ppl_text, curve_full=True,
+                    curve_at=[1, 3], **CFG)
+    assert_state_equal(model, state)
+    assert [c["n_edits"] for c in full.curves] == [0, 1, 3, 4]
+    start, end = full.curves[0], full.curves[-1]
+    assert "seen:paraphrase/es" not in start and "edit_seconds_mean" not in start
+    assert end["seen:paraphrase/acc"] == pytest.approx(full.summary["post"]["paraphrase/acc"])
+    assert end["seen:neighborhood/agree"] == pytest.approx(full.summary["post"]["neighborhood/agree"])
+    assert end["seen:neighborhood/kl"] == pytest.approx(full.summary["post"]["neighborhood/kl"])
+    assert end["edit_seconds_mean"] == pytest.approx(full.meta["edit_seconds_mean"])
+    light = evaluate(model, tok, Boost(), REQUESTS, mode="sequential", ppl_path=ppl_text, curve_at=[1, 3], **CFG)
+    assert "seen:paraphrase/es" not in light.curves[-1] and light.summary == full.summary
 
 
 def test_restore_failures_are_caught(tiny, ppl_text):

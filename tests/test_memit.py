@@ -15,6 +15,7 @@ from kedit.editors import Edit
 from kedit.editors.alphaedit import AlphaEdit, AlphaEditDelta, null_space_projection
 from kedit.editors.locate import context_templates, locate_requests, subject_keys
 from kedit.editors.memit import MEMIT
+from kedit.editors import values as V
 from kedit.models import arch_of
 from conftest import assert_state_equal
 from contract_settings import contract_editor
@@ -160,6 +161,99 @@ def test_alphaedit_uses_the_keys_of_its_history(tiny, tmp_path):
     with stack.applied(model):  # the second edit, on top of the first
         assert (logprob(model, tok, REQUESTS[1:]) > p0[1:]).all()
     assert_state_equal(model, state)
+
+
+# --------------------------------------------------------------------------- Norm-Anchor Scaling
+
+
+def test_anchor_values_bounds_the_value_norm():
+    """NAS: ‖v0 + δ'‖ equals the anchor for every kept value (a short one is inflated, a long one
+    shrunk); a value beyond skip_factor × anchor writes nothing (δ' = 0)."""
+    torch.manual_seed(0)
+    v0 = torch.randn(4, 16)
+    delta = torch.randn(4, 16)
+    delta[0] = -0.9 * v0[0]  # short v*
+    delta[3] = 50 * v0[3]  # an outlier
+    anchor = 2 * float((v0[1:3] + delta[1:3]).norm(dim=-1).max())
+    assert float((v0[0] + delta[0]).norm()) < anchor < 2 * anchor < float((v0[3] + delta[3]).norm())
+    new, skipped = V.anchor_values(v0, delta, anchor, skip_factor=2.0)
+    assert skipped.tolist() == [False, False, False, True]
+    torch.testing.assert_close((v0 + new)[:3].norm(dim=-1), torch.full((3,), anchor))
+    assert torch.equal(new[3], torch.zeros(16))
+    cos = torch.nn.functional.cosine_similarity(v0 + new, v0 + delta)[:3]  # the direction is kept
+    torch.testing.assert_close(cos, torch.ones(3))
+
+
+def test_trimmed_mean_drops_the_top_five_percent():
+    norms = torch.cat([torch.ones(38), torch.tensor([100.0, 1000.0])])  # floor(0.05 · 40) = 2 dropped
+    assert V.trimmed_mean(norms) == 1.0
+    assert V.trimmed_mean(torch.tensor([1.0, 3.0])) == 2.0  # floor(0.1) = 0 dropped
+
+
+def nas_editor(name, model, tok, tmp_path, **overrides):
+    from contract_settings import paper_editor
+
+    return paper_editor(name, model, tok, norm_anchor=True, anchor_samples=6, anchor_requests="counterfact-sample",
+                        stats_cache_dir=str(tmp_path), **overrides)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_memit_norm_anchor_sets_the_mlp_value_norm(tiny, family, tmp_path):
+    """With NAS the target of each request asks the last edited MLP for a value of the anchor's
+    norm: ‖z − h + v0‖ = anchor (h: the block's output, v0: the MLP's output, bare prompt)."""
+    model, tok = tiny(family)
+    editor = nas_editor("memit", model, tok, tmp_path)
+    layer = editor.layers(model)[-1]
+    reqs = locate_requests(REQUESTS)
+    templates = context_templates(model, tok, editor.hparams.templates, editor.hparams.template_seed)
+    anchor = editor.anchor(model, tok, layer, ())
+    assert anchor > 0 and (tmp_path / "anchors").is_dir()  # cached on disk
+    z, vals = editor.target_states(model, tok, reqs, templates, layer, anchor=anchor)
+    h = subject_keys(model, tok, reqs, templates, [layer], z_layer=layer)[1].double()
+    v0 = V.mlp_outputs(model, tok, reqs, layer).double()
+    norms = (z - h + v0).norm(dim=-1)
+    for i, norm in enumerate(norms.tolist()):
+        if i in vals.skipped:
+            assert torch.allclose(z[i], h[i], atol=1e-5)
+        else:
+            assert norm == pytest.approx(anchor, rel=1e-4)
+    edit = editor.edit(model, tok, REQUESTS)
+    assert edit.info["nas_anchor"] == anchor and isinstance(edit.info["nas_skipped"], list)
+
+
+def test_norm_anchor_is_measured_on_the_unedited_model(tiny, tmp_path):
+    """The anchor with edits applied (history) is the anchor of the model before them."""
+    model, tok = tiny("llama")
+    editor = nas_editor("alphaedit", model, tok, tmp_path / "a")
+    layer = editor.layers(model)[-1]
+    clean = editor.anchor(model, tok, layer, ())
+    edit = editor.edit(model, tok, REQUESTS[:1])
+    assert edit.info["nas_anchor"] == clean
+    V._ANCHORS.clear()  # no memo, another disk cache: measured again, with the edit applied
+    other = nas_editor("alphaedit", model, tok, tmp_path / "b")
+    with edit.applied(model):
+        assert other.anchor(model, tok, layer, [edit]) == clean
+        second = other.edit(model, tok, REQUESTS[1:], history=[edit])
+    assert second.info["nas_anchor"] == clean
+
+
+@pytest.mark.parametrize("name", ["memit", "alphaedit", "rome"])
+def test_norm_anchor_off_is_the_papers_edit(tiny, tmp_path, monkeypatch, name):
+    """NAS off (the default) never reaches the NAS code, and norm_anchor=False gives the same edit,
+    bit for bit, as an editor that does not mention it."""
+    model, tok = tiny("llama")
+    default = contract_editor(name, model, tok, edit_aware=False, templates=[(3, 2)], kl_factor=0.0625)
+    assert default.hparams.norm_anchor is False
+    module = __import__(f"kedit.editors.{'memit' if name == 'alphaedit' else name}", fromlist=["x"])
+    for fn in ("anchor_norm", "anchor_values"):
+        monkeypatch.setattr(module, fn, lambda *a, **k: pytest.fail("NAS code reached with norm_anchor off"))
+    a = default.edit(model, tok, REQUESTS)
+    off = contract_editor(name, model, tok, edit_aware=False, templates=[(3, 2)], kl_factor=0.0625,
+                          norm_anchor=False)
+    b = off.edit(model, tok, REQUESTS)
+    assert "nas_anchor" not in a.info
+    for n in a.names:
+        assert torch.equal(a.delta(n), b.delta(n))
 
 
 @pytest.mark.real_model

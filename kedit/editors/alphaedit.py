@@ -20,6 +20,9 @@ already applied to the model). Each AlphaEdit edit is an :class:`AlphaEditDelta`
 paper's code; saved and loaded with it), and ``K_p K_pᵀ`` is summed over the AlphaEdit edits in
 the history. Other edits in the history (ROME, MEMIT, fine-tuning) carry no keys and add none.
 The editor object keeps no state across calls: the same requests and history give the same edit.
+
+Norm-Anchor Scaling (``norm_anchor``, off by default) comes with MEMIT's value step; the released
+NAS method (Liu et al., arXiv:2602.02543) is this editor with it on.
 """
 
 from __future__ import annotations

@@ -13,6 +13,11 @@ Many requests in one call, spread over a range of MLP layers ``L₁ … L_last``
    which is rank ≤ n. The result is kept low-rank (``left = R``, ``right = (λC + KKᵀ)⁻¹K``)
    when that is smaller than the dense matrix.
 
+Norm-Anchor Scaling (``norm_anchor``, off by default; Liu et al., arXiv:2602.02543): after step 1,
+each target is re-aimed so that the MLP output of ``L_last`` it asks for, ``v* = v0 + δ``, has a
+fixed norm measured once on the unedited model (:func:`kedit.editors.values.anchor_values`);
+AlphaEdit inherits it.
+
 The two steps are public: :meth:`MEMIT.target_states` (step 1) and :meth:`MEMIT.spread`
 (step 2), whose update of one layer is :meth:`MEMIT.solve`. The model is left untouched: the
 layer updates are applied temporarily while later layers' keys are computed and restored
@@ -34,7 +39,7 @@ from kedit.data.request import EditRequest
 from kedit.editors.base import Edit, WeightDelta, base_identity
 from kedit.editors.locate import (LocateHparams, LocateThenEdit, context_templates, depth_layer, locate_requests,
                                   progress, ridge, subject_keys, subject_last_index)
-from kedit.editors.values import Values, optimize_values
+from kedit.editors.values import NormAnchorHparams, Values, anchor_norm, anchor_values, mlp_outputs, optimize_values
 from kedit.models.arch import arch_of
 from kedit.utils import chunks
 
@@ -44,7 +49,7 @@ Apply = Callable[[dict[str, tuple[Tensor, Tensor]]], None]
 """Adds a low-rank update to the model until the edit returns (:meth:`LocateThenEdit.applying`)."""
 
 @dataclass
-class MEMITHparams(LocateHparams):
+class MEMITHparams(NormAnchorHparams, LocateHparams):
     """MEMIT hyperparameters (paper defaults for GPT-J)."""
 
     layers: list[int] | None = None
@@ -100,10 +105,13 @@ class MEMIT(LocateThenEdit):
             if self.hparams.edit_aware:
                 updates, info = self._edit_aware(model, tokenizer, reqs, templates, layers, preserved, apply)
             else:
-                z_target, vals = self.target_states(model, tokenizer, reqs, templates, layers[-1])
+                anchor = self.anchor(model, tokenizer, layers[-1], history)
+                z_target, vals = self.target_states(model, tokenizer, reqs, templates, layers[-1], anchor)
                 updates = self.spread(model, tokenizer, reqs, templates, layers, z_target, preserved, apply)
                 info = {"method": self.name, "layers": layers, "n_requests": len(reqs), "v_steps": vals.steps,
                         "final_nll": [round(x, 4) for x in vals.nll]}
+                if anchor is not None:
+                    info.update(nas_anchor=anchor, nas_skipped=vals.skipped)
             return self.package(model, tokenizer, reqs, templates, layers, updates, base, info)
 
     def values(self, model: nn.Module, tokenizer, requests: Sequence[EditRequest], templates: Sequence[str],
@@ -111,23 +119,39 @@ class MEMIT(LocateThenEdit):
         """The value step (Eq. 16) of one batch of requests, at the output of block ``module``."""
         return optimize_values(model, tokenizer, requests, templates, module, self.hparams)
 
+    def anchor(self, model: nn.Module, tokenizer, z_layer: int, history: Sequence[Edit]) -> float | None:
+        """NAS's anchor norm at ``z_layer`` on the model before ``history`` (None: NAS off)."""
+        if not self.hparams.norm_anchor:
+            return None
+        return anchor_norm(model, tokenizer, z_layer, arch_of(model).block(z_layer), self.hparams, history)
+
     def target_states(self, model: nn.Module, tokenizer, requests: Sequence[EditRequest], templates: Sequence[str],
-                      z_layer: int) -> tuple[Tensor, Values]:
+                      z_layer: int, anchor: float | None = None) -> tuple[Tensor, Values]:
         """Step 1: the target hidden states ``zᵢ = hᵢ + δᵢ`` (n, d_model) at the output of block
         ``z_layer``, float64, in request order, with the :class:`Values` (``delta`` and ``init``
-        left empty). Requests of similar suffix length share a batch (less padding per step)."""
+        left empty). Requests of similar suffix length share a batch (less padding per step).
+        With an ``anchor`` (NAS), each ``δᵢ`` is re-aimed by :func:`anchor_values`."""
         module = arch_of(model).block(z_layer)
         batches = value_batches(tokenizer, requests, self.hparams.v_batch_size)
         order = [i for idx in batches for i in idx]
-        zs, steps, nlls = [], [0] * len(requests), [0.0] * len(requests)
+        zs, steps, nlls, skipped = [], [0] * len(requests), [0.0] * len(requests), []
         for idx in progress(batches, f"{self.name}: values", "batch"):
-            vals = self.values(model, tokenizer, [requests[i] for i in idx], templates, module)
-            zs.append(vals.init + vals.delta)
+            batch = [requests[i] for i in idx]
+            vals = self.values(model, tokenizer, batch, templates, module)
+            delta = vals.delta
+            if anchor is not None:
+                v0 = mlp_outputs(model, tokenizer, batch, z_layer)
+                delta, skip = anchor_values(v0, delta, anchor, self.hparams.anchor_skip_factor)
+                skipped += [idx[j] for j in skip.nonzero().flatten().tolist()]
+            zs.append(vals.init + delta)
             for j, i in enumerate(idx):
                 steps[i], nlls[i] = vals.steps[j], vals.nll[j]
+        if skipped:
+            log.warning("%s: NAS skipped %d of %d requests (‖v*‖ > %g × anchor): they write nothing",
+                        self.name, len(skipped), len(requests), self.hparams.anchor_skip_factor)
         back = torch.tensor(order).argsort()
         empty = torch.empty(0)
-        return torch.cat(zs)[back].double(), Values(empty, empty, None, steps, nlls)
+        return torch.cat(zs)[back].double(), Values(empty, empty, None, steps, nlls, sorted(skipped))
 
     def spread(self, model: nn.Module, tokenizer, requests: Sequence[EditRequest], templates: Sequence[str],
                layers: list[int], z_target: Tensor, preserved: dict[int, Any], apply: Apply,
@@ -154,6 +178,8 @@ class MEMIT(LocateThenEdit):
         """One layer: the update's key map first, then the values optimized through it."""
         if len(layers) != 1:
             raise ValueError(f"{self.name}: edit_aware=True needs exactly one layer, got {layers}")
+        if self.hparams.norm_anchor:
+            raise ValueError(f"{self.name}: norm_anchor (NAS) rescales the paper's value step; not with edit_aware=True")
         arch, layer = arch_of(model), layers[0]
         keys, _ = subject_keys(model, tokenizer, reqs, templates, [layer])
         K = keys[layer].double().T

@@ -14,6 +14,10 @@ key but divides by the key of the bare prompt; that mismatch makes some edits ex
 collapses the model under sequential editing. Here the same key ``k*`` is used for both
 (``same_key=True``); ``same_key=False`` reproduces plain ROME.
 
+Norm-Anchor Scaling (``norm_anchor``, off by default; Liu et al., arXiv:2602.02543): ROME's value
+``v* = v0 + δ`` (the MLP output it asks for) is rescaled to a norm measured once on the unedited
+model, and an edit whose ‖v*‖ exceeds 5× that anchor writes nothing (the official ROME port's factor).
+
 Several requests in one call are edited one after another, each on top of the previous
 ones; the result is one ``WeightDelta`` of rank ``n``. The update (Eq. 2) is
 :func:`rank_one_right`; the value step (Eq. 4) is :func:`kedit.editors.values.value_loss`.
@@ -23,7 +27,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import Tensor, nn
@@ -32,13 +36,13 @@ from kedit.data.request import EditRequest
 from kedit.editors.base import Edit, WeightDelta, base_identity
 from kedit.editors.locate import (LocateHparams, LocateThenEdit, context_templates, depth_layer, locate_requests,
                                   progress, ridge, subject_keys)
-from kedit.editors.values import Values, optimize_values
+from kedit.editors.values import NormAnchorHparams, Values, anchor_norm, anchor_values, optimize_values
 from kedit.models.arch import arch_of
 
 log = logging.getLogger(__name__)
 
 @dataclass
-class ROMEHparams(LocateHparams):
+class ROMEHparams(NormAnchorHparams, LocateHparams):
     """ROME hyperparameters (paper defaults, GPT-2 XL / GPT-J)."""
 
     layers: list[int] | None = None
@@ -54,6 +58,8 @@ class ROMEHparams(LocateHparams):
     delivers only part of δ there."""
     fit_ridge: float = 1e-3
     """Ridge on the templates' Gram matrix (relative to its mean diagonal) for ``fit_templates``."""
+    anchor_skip_factor: float = 5.0
+    """NAS: a value with ‖v*‖ above this times the anchor writes nothing (the official ROME port: 5)."""
 
 
 class ROME(LocateThenEdit):
@@ -97,12 +103,18 @@ class ROME(LocateThenEdit):
         base = base_identity(model, [weight])
         templates = context_templates(model, tokenizer, hp.templates, hp.template_seed)
         chol = self.cov_factor(model, tokenizer, layer, history)
-        lefts, rights, steps, nlls = [], [], [], []
+        anchor = None
+        if hp.norm_anchor:
+            if hp.edit_aware:
+                raise ValueError("rome: norm_anchor (NAS) rescales the paper's value step; not with edit_aware=True")
+            anchor = anchor_norm(model, tokenizer, layer, arch.mlp_out_module(layer), hp, history)
+        lefts, rights, steps, nlls, skipped = [], [], [], [], []
         with self.applying(model) as apply:
             for r in progress(reqs, "ROME", "edit"):
                 if lefts:  # later requests see the earlier ones applied (restored below)
                     apply({weight: arch.low_rank_factors(lefts[-1][:, None], rights[-1][:, None])})
-                vals, right = self.update(model, tokenizer, r, templates, layer, chol)
+                vals, right = self.update(model, tokenizer, r, templates, layer, chol, anchor)
+                skipped += [len(lefts)] if vals.skipped else []
                 lefts.append(vals.delta[0].float())
                 rights.append(right.float())
                 steps += vals.steps
@@ -111,11 +123,14 @@ class ROME(LocateThenEdit):
         right = torch.stack(rights, dim=1)  # (d_in, n)
         info = {"method": "rome", "layer": layer, "n_requests": len(reqs), "v_steps": steps,
                 "final_nll": [round(x, 4) for x in nlls], "same_key": hp.same_key}
+        if anchor is not None:
+            info.update(nas_anchor=anchor, nas_skipped=skipped)
         return WeightDelta(factors={weight: arch.low_rank_factors(left, right)}, base=base, info=info)
 
     def update(self, model: nn.Module, tokenizer, request: EditRequest, templates: list[str], layer: int,
-               chol: Tensor) -> tuple[Values, Tensor]:
-        """One request's value δ (Eq. 4) and the right vector r of ``ΔW = δ rᵀ`` (Eq. 2)."""
+               chol: Tensor, anchor: float | None = None) -> tuple[Values, Tensor]:
+        """One request's value δ (Eq. 4; with NAS's ``anchor``, rescaled) and the right vector r of
+        ``ΔW = δ rᵀ`` (Eq. 2)."""
         hp = self.hparams
         module = arch_of(model).mlp_out_module(layer)
         if hp.edit_aware:  # the update's direction first, then δ through it
@@ -124,6 +139,12 @@ class ROME(LocateThenEdit):
             return optimize_values(model, tokenizer, [request], templates, module, hp,
                                    edit_right=right.float()[None]), right
         vals = optimize_values(model, tokenizer, [request], templates, module, hp, want_keys=True)
+        if anchor is not None:  # v0 = vals.init: ROME's δ is added to the MLP output itself
+            delta, skip = anchor_values(vals.init, vals.delta, anchor, hp.anchor_skip_factor)
+            if skip.any():
+                log.warning("rome: NAS skipped the edit of %r (‖v*‖ > %g × anchor): it writes nothing",
+                            request.prompt, hp.anchor_skip_factor)
+            vals = replace(vals, delta=delta, skipped=[0] if skip.any() else [])
         if hp.fit_templates:
             return vals, fit_keys(vals.template_keys[0].double(), chol, hp.fit_ridge)
         k_star = vals.keys[0].double()  # (d_in,) Eq. 3

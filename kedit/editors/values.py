@@ -8,6 +8,8 @@ Three parts, each readable on its own:
   the KL "essence" term on ``"{subject} is a"`` and weight decay; :func:`clamp_norm` bounds
   ``‖δ‖`` after each step;
 * :func:`optimize_values`: Adam on that objective, with per-request early stop;
+* :func:`anchor_values` (Norm-Anchor Scaling, optional, after the optimization): the value is
+  rescaled to a fixed norm measured once on the unedited model (:func:`anchor_norm`);
 * the runners, which compute the logits of the rows for a given ``δ``:
   :class:`FullForward` (the reference: every row, the whole sequence, every step) and
   :class:`CachedSuffix` (the same logits, faster). ``tests/test_rome.py`` checks they agree.
@@ -27,20 +29,26 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import hashlib
 import inspect
+import json
 import logging
+import math
+import random
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
 
+from kedit.atomic import read_cache, write_cache
 from kedit.data.encode import IGNORE, encode, target_logprobs
 from kedit.data.request import EditRequest
+from kedit.editors.base import Edit
 from kedit.editors.locate import (LocateHparams, Row, _cache_kwarg, _out_cache, frozen, rewrite_rows,
-                                  subject_last_index)
-from kedit.hooks import skip, trace
+                                  subject_last_index, unapplied)
+from kedit.hooks import run_until, skip, trace
 from kedit.models.arch import arch_of
 from kedit.utils import kl_divergence, pad_id
 
@@ -64,6 +72,8 @@ class Values:
     subject's last token of each template, ``templates[0]`` (the bare prompt) first; else None."""
     steps: list[int]
     nll: list[float]
+    skipped: list[int] = field(default_factory=list)
+    """Requests whose write Norm-Anchor Scaling skipped (:func:`anchor_values`)."""
 
     @property
     def keys(self) -> Tensor | None:
@@ -201,6 +211,107 @@ def _descend(runner: FullForward, layout: Layout, n: int, width: int, hp: Locate
         per_template = [runner.keys[layout.is_rewrite & (layout.request == i)] for i in range(n)]
     log.debug("value optimization: steps %s, final nll %s", steps, last_nll.tolist())
     return Values(delta.detach(), runner.init[layout.is_bare], per_template, steps, last_nll.tolist())
+
+
+# --------------------------------------------------------------------------- Norm-Anchor Scaling
+
+ANCHOR_TRIM = 0.95
+"""NAS's anchor: the mean of the lowest 95% of the pilot norms (the official ``vstar_stats``)."""
+
+
+@dataclass
+class NormAnchorHparams:
+    """Norm-Anchor Scaling (Liu et al., arXiv:2602.02543), a switch of the locate-then-edit editors."""
+
+    norm_anchor: bool = False
+    """NAS: rescale each value v* = v0 + δ (v0: the edited MLP's output) to a fixed anchor norm measured
+    once on the unedited model, bounding the growth of the edited weights over long edit sequences
+    (off: the host papers' behaviour)."""
+    anchor_samples: int = 1000
+    """NAS: pilot requests whose mean ‖v*‖ is the anchor (random, seed 0, from ``anchor_requests``)."""
+    anchor_requests: str = "counterfact"
+    """NAS: the named dataset (or path) of the pilot requests (the paper: CounterFact)."""
+    anchor_skip_factor: float = 2.0
+    """NAS: a value with ‖v*‖ above this times the anchor is an outlier and its edit writes nothing."""
+
+
+def anchor_values(v0: Tensor, delta: Tensor, anchor: float, skip_factor: float) -> tuple[Tensor, Tensor]:
+    """NAS, after the δ optimization: the MLP output the edit asks for, ``v* = v0 + δ``, is set to
+    the anchor norm ``a`` (``v* ← a v*/‖v*‖``, also when it is shorter); if ``‖v*‖ > skip_factor·a``
+    the edit writes nothing (``v* ← v0``). The new target is ``z = (h − v0) + v* = h + (v* − v0)``.
+
+    ``v0``, ``delta``: (n, d). Returns the new ``δ = v* − v0`` (n, d) and the skipped mask (n,)."""
+    v_star = v0 + delta
+    norm = v_star.norm(dim=-1, keepdim=True)
+    skipped = norm[:, 0] > skip_factor * anchor
+    anchored = anchor * v_star / norm.clamp(min=1e-12) - v0
+    return torch.where(skipped[:, None], torch.zeros_like(delta), anchored), skipped
+
+
+@torch.no_grad()
+def mlp_outputs(model: nn.Module, tokenizer, requests: Sequence[EditRequest], layer: int) -> Tensor:
+    """NAS's ``v0``: the output of ``layer``'s MLP at the subject's last token of the bare prompt, (n, d)."""
+    name = arch_of(model).mlp_out_module(layer)
+    rows = rewrite_rows(requests, ["{}"], kl=False)
+    device = next(model.parameters()).device
+    at = torch.tensor([subject_last_index(tokenizer, r.text, r.subject_end) for r in rows], device=device)
+    batch = encode(tokenizer, [r.text[:r.subject_end] for r in rows], device=device)  # cut after the subject
+    with frozen(model), trace(model, [name], stop=name, detach=True) as rec:
+        run_until(model, input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+    return rec[name].output[torch.arange(len(rows), device=device), at].float()
+
+
+def trimmed_mean(norms: Tensor, keep: float = ANCHOR_TRIM) -> float:
+    """The mean of ``norms`` without the largest ``floor((1 - keep) · n)`` values."""
+    drop = math.floor((1 - keep) * len(norms))
+    return float(norms.sort().values[:len(norms) - drop].mean())
+
+
+def estimate_anchor(model: nn.Module, tokenizer, requests: Sequence[EditRequest], module: str, layer: int,
+                    hp: LocateHparams) -> float:
+    """NAS's anchor: the trimmed mean of ``‖v0 + δ‖`` over pilot ``requests``, each ``δ`` optimized
+    at ``module`` on the bare prompt only (no context templates), KL prompt as set in ``hp``."""
+    norms = []
+    for b in range(0, len(requests), hp.v_batch_size):
+        batch = requests[b:b + hp.v_batch_size]
+        vals = optimize_values(model, tokenizer, batch, ["{}"], module, hp)
+        norms.append((mlp_outputs(model, tokenizer, batch, layer) + vals.delta).norm(dim=-1))
+    return trimmed_mean(torch.cat(norms))
+
+
+_ANCHORS: dict[str, float] = {}
+
+
+def anchor_norm(model: nn.Module, tokenizer, layer: int, module: str, hp: LocateHparams,
+                history: Sequence[Edit] = ()) -> float:
+    """NAS's anchor for ``layer`` of the model as it was before ``history`` (never an edited model:
+    pitfall 1 of the notes), memoized and cached on disk (``<stats cache>/anchors``), keyed by the
+    weights' digest, the layer and module, the value settings and the pilot requests."""
+    from kedit.data import load_requests
+    from kedit.identity import config_key, state_digest
+    from kedit.stats import stats_dir
+
+    with unapplied(model, history):
+        settings = {"model": config_key(model), "weights": state_digest(model), "layer": layer, "module": module,
+                    "samples": hp.anchor_samples, "requests": str(hp.anchor_requests),
+                    **{f: getattr(hp, f) for f in VALUE_FIELDS}}
+        key = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:24]
+        if key in _ANCHORS:
+            return _ANCHORS[key]
+        path = stats_dir(hp.stats_cache_dir) / "anchors" / f"{key}.json"
+        cached = read_cache(path, lambda p: float(json.loads(p.read_text())["anchor"]), "NAS anchor")
+        if cached is None:
+            pool = load_requests(hp.anchor_requests)
+            pilot = random.Random(0).sample(pool, min(hp.anchor_samples, len(pool)))
+            if len(pilot) < hp.anchor_samples:
+                log.warning("NAS: %d pilot requests in %s, fewer than anchor_samples=%d",
+                            len(pilot), hp.anchor_requests, hp.anchor_samples)
+            cached = estimate_anchor(model, tokenizer, pilot, module, layer, hp)
+            log.info("NAS: anchor %.4g at layer %d from %d pilot requests", cached, layer, len(pilot))
+            write_cache(path, lambda tmp: tmp.write_text(json.dumps({"anchor": cached, **settings}, default=str)),
+                        "NAS anchor")
+        _ANCHORS[key] = cached
+        return cached
 
 
 # --------------------------------------------------------------------------- rows

@@ -72,6 +72,14 @@ class EvalConfig:
     """Tokens per document used for perplexity."""
     curve_every: int = 0
     """Sequential mode: record the retention/perplexity curve every this many edited requests (0: ~10 points)."""
+    curve_at: list[int] | None = None
+    """Sequential mode: record the curve after these numbers of edited requests instead (the first step
+    boundary at or past each; and at the end); ``curve_every`` is then ignored."""
+    curve_full: bool = False
+    """Sequential mode: curve points also score the paraphrases and the neighborhood (locality) of the
+    requests edited so far, against pre-edit references measured before the first edit (and fluency,
+    if on); else the edit prompts only. The references stay in memory: one next-token distribution
+    per neighborhood prompt of every request (zsRE: one; CounterFact: ten)."""
     curve_generation: bool = True
     """Sequential mode: include generation-based success in the retention curve."""
     eval_group: int = 16
@@ -80,6 +88,11 @@ class EvalConfig:
     """Check after each restore that the model is bit-exactly what it was (its fingerprint,
     :func:`kedit.identity.fingerprint`), and compare a digest of all weights at the start and
     the end: the cheap per-row digest, or a full sha256 with ``KEDIT_FULL_HASH=1``."""
+
+
+CURVE_FULL = ("paraphrase/es", "paraphrase/acc", "paraphrase/gen", "neighborhood/ns", "neighborhood/agree",
+              "neighborhood/kl")
+"""The curve's metrics beyond the edit prompt's with ``curve_full`` (those a request has)."""
 
 
 class RestoreError(RuntimeError):
@@ -211,9 +224,10 @@ class _Run:
         """Steps of ``step`` requests, each edit computed on the model edited by the steps before
         (``history``); curve points at checkpoints; every request scored on the whole stack."""
         n = len(self.reqs)
-        points = _curve_checkpoints(n, step, self.cfg.curve_every)
+        points = _curve_checkpoints(n, step, self.cfg.curve_every, self.cfg.curve_at)
         stack = EditStack()
-        self._curve_point(0, min(points))
+        refs = self.scorer.refs(self.reqs) if self.cfg.curve_full else None  # on the unedited model
+        self._curve_point(0, min(points), refs)
         try:
             for chunk in chunks(range(n), step):
                 edit = self._edit(chunk, history=stack)
@@ -223,7 +237,7 @@ class _Run:
                     stack.push(edit)
                     stack.apply(self.model)
                 if chunk[-1] + 1 in points:
-                    ppl_post = self._curve_point(chunk[-1] + 1, min(points))  # the last one is at n
+                    ppl_post = self._curve_point(chunk[-1] + 1, min(points), refs)  # the last one is at n
         finally:
             stack.restore(self.model)
         self._check("after restoring the sequential edit stack")
@@ -268,18 +282,25 @@ class _Run:
         self._check(f"after restoring the edit of request(s) {edited[0]}..{edited[-1]}")
         return post, ppl
 
-    def _curve_point(self, n_edits: int, first_k: int) -> tuple[float, int]:
-        """Rewrite scores of the requests edited so far and of the first ``first_k``, and the
-        perplexity, on the model as it is now; returns the perplexity's (NLL, tokens)."""
+    def _curve_point(self, n_edits: int, first_k: int, refs: list[Ref] | None = None) -> tuple[float, int]:
+        """Rewrite scores (with pre-edit ``refs``, all scores) of the requests edited so far and of
+        the first ``first_k``, the perplexity and the mean edit time so far, on the model as it is
+        now; returns the perplexity's (NLL, tokens)."""
         gen = self.cfg.curve_generation and self.cfg.generation
-        seen, _ = self.scorer.score(self.reqs[:max(n_edits, first_k)], light=True, generation=gen)
+        count = max(n_edits, first_k)
+        seen, _ = self.scorer.score(self.reqs[:count], None if refs is None else refs[:count], light=refs is None,
+                                    generation=gen)
         point: dict[str, Any] = {"n_edits": n_edits}
-        for key in ("rewrite/es", "rewrite/acc", "rewrite/gen"):
+        rewrite = ("rewrite/es", "rewrite/acc", "rewrite/gen")
+        for key in rewrite + (() if refs is None else CURVE_FULL):
             if n_edits:
                 point[f"seen:{key}"] = M.nanmean([m.get(key, float("nan")) for m in seen[:n_edits]])
-            point[f"first{first_k}:{key}"] = M.nanmean([m.get(key, float("nan")) for m in seen[:first_k]])
+            if key in rewrite:
+                point[f"first{first_k}:{key}"] = M.nanmean([m.get(key, float("nan")) for m in seen[:first_k]])
         ppl = self.scorer.perplexity()
         point["general/ppl"] = M.perplexity(*ppl)
+        if self.timer.seconds:
+            point["edit_seconds_mean"] = sum(self.timer.seconds) / len(self.timer.seconds)
         self.curves.append(point)
         if self.on_curve is not None:
             self.on_curve(point)
@@ -372,10 +393,12 @@ def _pooled(ppls: list[tuple[float, int]]) -> tuple[float, int]:
     return sum(p[0] for p in ppls), sum(p[1] for p in ppls)
 
 
-def _curve_checkpoints(n: int, step: int, every: int) -> set[int]:
-    """Edited-request counts after which the curve is measured: multiples of ``every``, at
-    step boundaries, and the end."""
+def _curve_checkpoints(n: int, step: int, every: int, at: Sequence[int] | None = None) -> set[int]:
+    """Edited-request counts after which the curve is measured: multiples of ``every`` (or the
+    counts ``at``), at step boundaries, and the end."""
     ends = list(range(step, n, step)) + [n]
+    if at:
+        return {min(e for e in ends if e >= a) for a in at if a <= n} | {n}
     if every <= 0:
         every = max(step, math.ceil(n / 10))
     points, next_mark = set(), every
