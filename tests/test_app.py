@@ -278,3 +278,20 @@ def test_a_model_that_cannot_load_is_reported_in_the_page():
     with pytest.raises(ModelNotFound, match="no model named 'nope'"):
         loader.wait(10)
     assert loader.status() == "could not load nope: no model named 'nope'"
+
+
+def test_the_state_line_sees_a_weight_changed_behind_the_apps_back(wb):
+    """The state line reuses the last fingerprint only while no weight was written through its
+    parameter and the hooks are the same: a change made outside the app shows at once."""
+    n, before = wb.snapshot()
+    p = next(wb.model.parameters())
+    with torch.no_grad():
+        p[0, 0] += 1.0
+    changed = wb.snapshot()
+    assert changed[0] == n and changed[1] != before
+    hook = wb.model.register_forward_hook(lambda *a: None)  # a routing-like hook counts too
+    try:
+        assert wb.snapshot()[1] != changed[1]
+    finally:
+        hook.remove()
+    assert wb.snapshot() == changed

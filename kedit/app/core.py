@@ -32,7 +32,7 @@ from torch import nn
 from kedit.data import EditRequest, Probe, RequestError, to_requests
 from kedit.editors.base import Edit, EditMismatchError, Editor, EditStack, EditStateError
 from kedit.eval.scoring import AnswerRow, answers, generate, score_targets
-from kedit.identity import fingerprint, state_digest
+from kedit.identity import fingerprint, foreign_hooks, state_digest, weights_version
 
 log = logging.getLogger(__name__)
 
@@ -209,7 +209,9 @@ class Workbench:
         self.history: list[HistoryRow] = []
         self.choices = {c.label: c for c in editor_choices(checkpoints)}
         self._editors: dict[str, Editor] = {}
-        self.fingerprints = [fingerprint(model)]
+        self._seen: tuple[Any, tuple] = (None, ())
+        """(weights_version and hook count, fingerprint) of the last fingerprint computed."""
+        self.fingerprints = [self._fingerprint()]
         """``fingerprints[k]``: the model with the first k edits of the stack applied."""
         self.base_hash = state_digest(model, full=True)
         self.last_rows: list[Row] = []
@@ -217,13 +219,22 @@ class Workbench:
 
     # ---- state shown in the page
 
+    def _fingerprint(self, reuse: bool = False) -> tuple:
+        """The model's fingerprint; with ``reuse``, the last one computed while no weight was
+        written through its parameter since (:func:`kedit.identity.weights_version`) and the
+        same hooks are installed (the state line, read after every step)."""
+        key = (weights_version(self.model), foreign_hooks(self.model))
+        if not (reuse and key == self._seen[0]):
+            self._seen = (key, fingerprint(self.model))
+        return self._seen[1]
+
     def snapshot(self) -> tuple[int, str]:
         """(edits applied, fingerprint digest), read atomically."""
         with self.lock:
-            return len(self.stack.edits), digest(fingerprint(self.model))
+            return len(self.stack.edits), digest(self._fingerprint(reuse=True))
 
     def _check(self, where: str) -> str:
-        got = fingerprint(self.model)
+        got = self._fingerprint()
         want = self.fingerprints[len(self.stack.edits)]
         if got != want:
             raise AppError(f"the model is not bit-exactly what it was with {len(self.stack.edits)} edits "
@@ -350,7 +361,7 @@ class Workbench:
             self._check("after a refused edit")
             raise
         for _ in edits:
-            self.fingerprints.append(fingerprint(self.model))
+            self.fingerprints.append(self._fingerprint())
 
     def apply(self, label: str, yaml_text: str | None, request: EditRequest,
               progress: Callable[[str], None] | None = None) -> tuple[list[Row], float]:
