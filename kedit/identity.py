@@ -123,6 +123,17 @@ def matches(expected: Mapping[str, Any], model: nn.Module, names: Sequence[str])
     return got == expected.get("hash"), got
 
 
+def require_match(expected: Mapping[str, Any], model: nn.Module, names: Sequence[str], what: str,
+                  advice: str = "apply it to the model it was made on") -> None:
+    """Raise :class:`EditMismatchError` naming both models unless ``model``'s weights ``names``
+    match ``expected`` (:func:`matches`); ``what`` is the thing checked ("this GRACE edit")."""
+    same, got = matches(expected, model, names)
+    if not same:
+        raise EditMismatchError(
+            f"{what} was made for {expected.get('name')!r} (weights hash {expected.get('hash', '')[:12]}…) "
+            f"but the model given is {model_name(model)!r} (hash {got[:12]}…); {advice}")
+
+
 def weights_version(model: nn.Module, names: Sequence[str] | None = None) -> tuple:
     """A key that changes when any of ``names`` (default: all parameters) is replaced or written
     in place through its parameter (``p.add_``, ``p.copy_``; not through ``p.data``).

@@ -68,7 +68,7 @@ from kedit.editors.base import (
     require_base,
 )
 from kedit.hooks import run_until, trace
-from kedit.identity import EditMismatchError, identity, matches, model_name
+from kedit.identity import EditMismatchError, identity, model_name, require_match
 from kedit.models.arch import arch_of
 from kedit.utils import check_layers, depth_layer
 
@@ -286,12 +286,8 @@ class GRACEEdit(Edit):
     def check_base(self, model: nn.Module) -> None:
         if not self.base:
             return
-        same, got = matches(self.base, model, identity_names(model, self.module))
-        if not same:
-            raise EditMismatchError(
-                f"this GRACE edit was made for {self.base.get('name')!r} (weights hash {self.base.get('hash', '')[:12]}…) "
-                f"but the model given is {model_name(model)!r} (hash {got[:12]}…); apply it to the model "
-                "(and the edit stack) it was made on")
+        require_match(self.base, model, identity_names(model, self.module), "this GRACE edit",
+                      "apply it to the model (and the edit stack) it was made on")
 
     def apply(self, model: nn.Module, check: bool = True) -> None:
         if self._module is not None:

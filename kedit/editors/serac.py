@@ -60,13 +60,12 @@ from kedit.editors.base import (
     InvalidEditError,
     Requests,
     as_requests,
-    model_name,
     require,
     require_base,
     require_strs,
     tensor_hash,
 )
-from kedit.identity import identity, matches
+from kedit.identity import identity, require_match
 from kedit.utils import chunks, pad_id
 
 log = logging.getLogger(__name__)
@@ -285,12 +284,7 @@ class SERACMemory(Edit):
     def check_base(self, model: nn.Module) -> None:
         if not self.base:
             return
-        same, got = matches(self.base, model, _identity_names(model))
-        if not same:
-            raise EditMismatchError(
-                f"this SERAC memory was made for {self.base.get('name')!r} (weights hash "
-                f"{self.base.get('hash', '')[:12]}…) but the model given is {model_name(model)!r} "
-                f"(hash {got[:12]}…); apply it to the model it was made on")
+        require_match(self.base, model, _identity_names(model), "this SERAC memory")
 
     def apply(self, model: nn.Module, check: bool = True) -> None:
         if self._router is not None:

@@ -75,7 +75,7 @@ from kedit.data.request import EditRequest
 from kedit.editors.base import (Edit, Editor, EditMismatchError, EditStateError, InvalidEditError, model_name,
                                 require, require_base)
 from kedit.editors.locate import context_templates, fill, frozen
-from kedit.identity import identity, matches
+from kedit.identity import identity, require_match
 from kedit.models.arch import Arch, arch_of, get_module
 from kedit.utils import check_layers, depth_layer
 
@@ -383,11 +383,7 @@ class WISEEdit(Edit):
         if self.weight not in params or tuple(params[self.weight].shape) != tuple(self.shape):
             raise EditMismatchError(f"{self.source or 'this WISE edit'}: made for {self.base.get('name')!r}, whose "
                                     f"{self.weight} has shape {tuple(self.shape)}; {model_name(model)!r} differs")
-        same, got = matches(self.base, model, [self.weight])
-        if not same:
-            raise EditMismatchError(f"this WISE edit was made on {self.base.get('name')!r} (hash "
-                                    f"{self.base.get('hash', '')[:12]}…), but {model_name(model)!r} has hash "
-                                    f"{got[:12]}… for {self.weight}")
+        require_match(self.base, model, [self.weight], f"this WISE edit (its {self.weight})")
 
     def apply(self, model: nn.Module) -> None:
         if self._router is not None:
