@@ -155,3 +155,26 @@ def skip(model: nn.Module, names: Sequence[str], output: Tensor) -> Iterator[Non
     finally:
         for module in modules:
             module.__dict__.pop("forward", None)
+
+
+class Replay:
+    """Skip a chain of modules whose output is the same in every pass (e.g. the blocks below a
+    trained value): :meth:`__call__` records the last one's output in the first pass and replays it
+    (:func:`skip`) in the later ones. Modules that return a tuple are never skipped."""
+
+    def __init__(self, model: nn.Module, names: Sequence[str]) -> None:
+        self.model, self.names = model, list(names)
+        self.output: Tensor | None = None
+
+    @contextmanager
+    def __call__(self) -> Iterator[None]:
+        if self.output is not None:
+            with skip(self.model, self.names, self.output):
+                yield
+        elif not self.names:
+            yield
+        else:
+            with trace(self.model, self.names[-1:], detach=True) as seen:
+                yield
+            if not seen[self.names[-1]].in_tuple:
+                self.output = seen[self.names[-1]].output

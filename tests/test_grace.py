@@ -280,3 +280,23 @@ def test_load_names_a_bad_field(tiny, tmp_path):
     with pytest.raises(ValueError, match="'radii'"):
         GRACEEdit.from_state({**tensors, "radii": torch.tensor([float("nan")], dtype=torch.float64)}, meta)
     assert isinstance(GRACEEdit.from_state(tensors, meta), GRACEEdit)
+
+
+def test_value_training_replays_the_blocks_below(tiny, monkeypatch):
+    """The blocks under the GRACE layer run once per value, not once per step; the trained value
+    is that of the plain loop (every block every step, the model's own loss)."""
+    import kedit.editors.grace as g
+    from kedit.data.encode import model_inputs
+    from kedit.hooks import Replay
+
+    model, tok = tiny
+    fast = grace().edit(model, tok, [A])
+
+    class NoReplay(Replay):
+        def __init__(self, model, names):
+            super().__init__(model, [])
+
+    monkeypatch.setattr(g, "Replay", NoReplay)
+    monkeypatch.setattr(g, "target_nll", lambda m, b: m(**model_inputs(b)).loss)
+    plain = grace().edit(model, tok, [A])
+    torch.testing.assert_close(fast.entries[0].value, plain.entries[0].value, rtol=1e-4, atol=1e-4)

@@ -232,3 +232,43 @@ def test_skip_replays_the_lowest_blocks(family):
     finally:
         handle.remove()
     assert all("forward" not in get_module(model, b).__dict__ for b in blocks)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_replay_records_then_skips_the_blocks_below(family):
+    """``Replay``: the first pass records the output of the blocks under a module
+    (``Arch.blocks_below``), later passes skip them and give the same logits."""
+    from kedit.hooks import Replay
+
+    model, tok = tiny_model(family)
+    batch = {k: v for k, v in tok(["The capital of France is"], return_tensors="pt").items()
+             if k != "token_type_ids"}
+    arch = arch_of(model)
+    below = arch.blocks_below(model, arch.mlp_out_module(2))
+    assert below == [arch.block(0), arch.block(1)]
+    assert arch.blocks_below(model, arch.block(1)) == [arch.block(0)] and arch.blocks_below(model, "lm_head") == []
+    replay, ran = Replay(model, below), []
+    handle = get_module(model, arch.mlp_out_module(0)).register_forward_hook(lambda *a: ran.append(1))
+    try:
+        with torch.no_grad():
+            with replay():
+                first = model(**batch).logits
+            assert len(ran) == 1 and replay.output is not None
+            with replay():
+                second = model(**batch).logits
+        assert len(ran) == 1  # block 0 did not run again
+        torch.testing.assert_close(second, first, rtol=0, atol=0)
+    finally:
+        handle.remove()
+    assert no_hooks(model)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_target_nll_is_the_models_own_loss(family):
+    """``target_nll`` (logits only where the targets are) equals the model's own LM loss."""
+    from kedit.data.encode import encode, model_inputs, target_nll
+
+    model, tok = tiny_model(family)
+    batch = encode(tok, ["The capital of France is", "A cat"], ["Rome", "sat on the mat"])
+    with torch.no_grad():
+        torch.testing.assert_close(target_nll(model, batch), model(**model_inputs(batch)).loss)

@@ -221,3 +221,21 @@ def test_save_load_round_trip(sequence, tmp_path):
     other, _ = tiny_model("llama", 1, initializer_range=0.2)
     with pytest.raises(EditMismatchError):
         Edit.load(path, model=other)
+
+
+def test_side_memory_training_replays_the_blocks_below(monkeypatch):
+    """The blocks under the WISE layer run once per edit, not once per step; the side memory is
+    bit-identical to the plain loop's (every block every step)."""
+    import kedit.editors.wise as w
+    from kedit.hooks import Replay
+
+    model, tok = tiny()
+    fast = wise().edit(model, tok, REQUESTS[0])
+
+    class NoReplay(Replay):
+        def __init__(self, model, names):
+            super().__init__(model, [])
+
+    monkeypatch.setattr(w, "Replay", NoReplay)
+    plain = wise().edit(model, tok, REQUESTS[0])
+    assert torch.equal(fast.values, plain.values) and fast.info["steps"] == plain.info["steps"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 
 import torch
@@ -97,6 +98,21 @@ def encode(
 def model_inputs(batch: dict[str, Tensor]) -> dict[str, Tensor]:
     """The keys of an :func:`encode` batch that a HF model's forward accepts."""
     return {k: batch[k] for k in ("input_ids", "attention_mask", "labels") if k in batch}
+
+
+def target_nll(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
+    """The model's own LM loss on an :func:`encode` batch (decoder-only): the mean NLL over every
+    target token. When the model takes ``logits_to_keep``, the vocabulary projection runs only on
+    the last columns, from the shortest prompt's last token on (where the targets are)."""
+    labels = batch["labels"]
+    keep = labels.shape[1] - int(batch["prompt_len"].min()) + 1
+    if "logits_to_keep" not in inspect.signature(model.forward).parameters or keep >= labels.shape[1]:
+        keep = labels.shape[1]
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                   **({"logits_to_keep": keep} if keep < labels.shape[1] else {})).logits
+    logits, targets, mask = target_logits(logits, labels[:, -keep:])
+    nll = torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), targets, reduction="none")
+    return (nll * mask).sum() / mask.sum()
 
 
 def target_logits(logits: Tensor, labels: Tensor, seq2seq: bool = False) -> tuple[Tensor, Tensor, Tensor]:

@@ -57,7 +57,7 @@ import torch
 from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
-from kedit.data.encode import encode, model_inputs, target_ids
+from kedit.data.encode import encode, target_ids, target_nll
 from kedit.data.request import EditRequest
 from kedit.editors.base import (
     Edit,
@@ -67,7 +67,7 @@ from kedit.editors.base import (
     require,
     require_base,
 )
-from kedit.hooks import run_until, trace
+from kedit.hooks import Replay, run_until, trace
 from kedit.identity import EditMismatchError, identity, model_name, require_match
 from kedit.models.arch import arch_of
 from kedit.utils import check_layers, depth_layer
@@ -418,18 +418,20 @@ class GRACE(Editor):
                 value = torch.rand(module_dims(model, name)[1], generator=generator).to(device)
         label = tuple(target_ids(tokenizer, request.target_new))
         ref = maintain(book, new_ref, h.float(), value, label, self.hparams)
-        book.put(ref, dataclasses.replace(book.entries[ref], value=self.train_value(model, batch, module, book,
+        book.put(ref, dataclasses.replace(book.entries[ref], value=self.train_value(model, batch, name, book,
                                                                                     ref, t_star)))
 
-    def train_value(self, model: nn.Module, batch: dict[str, Tensor], module: nn.Module, book: Codebook,
+    def train_value(self, model: nn.Module, batch: dict[str, Tensor], name: str, book: Codebook,
                     ref: Ref, t_star: int) -> Tensor:
         """``n_iter`` Adam steps on the LM loss of prompt + target, the value at ``t*``; only the
         value gets gradients (``autograd.grad``: the model's ``.grad`` stay untouched)."""
         v = book.entries[ref].value.clone().requires_grad_(True)
         opt = torch.optim.Adam([v], lr=self.hparams.edit_lr)
-        with injected(module, book, v, t_star):
+        below = Replay(model, arch_of(model).blocks_below(model, name))  # they do not depend on v
+        with injected(model.get_submodule(name), book, v, t_star):
             for _ in range(self.hparams.n_iter):
-                loss = model(**model_inputs(batch)).loss
+                with below():
+                    loss = target_nll(model, batch)
                 (v.grad,) = torch.autograd.grad(loss, [v])
                 opt.step()
         log.debug("GRACE: value trained to loss %.4f", float(loss.detach()))

@@ -75,6 +75,7 @@ from kedit.data.request import EditRequest
 from kedit.editors.base import (Edit, Editor, EditMismatchError, EditStateError, InvalidEditError, model_name,
                                 require, require_base)
 from kedit.editors.locate import context_templates, fill, frozen
+from kedit.hooks import Replay
 from kedit.identity import identity, require_match
 from kedit.models.arch import Arch, arch_of, get_module
 from kedit.utils import check_layers, depth_layer
@@ -514,12 +515,14 @@ class WISE(Editor):
             return outs["side"]
 
         previous, step, loss = math.inf, 0, math.inf
+        below = Replay(model, arch.blocks_below(model, module_name))  # they do not depend on the side memory
         handle = module.register_forward_hook(editing)
         try:
             with frozen(model), torch.enable_grad():
                 for step in range(1, hp.n_iter + 1):
                     side.requires_grad_(True)
-                    logits = model(**batch.inputs, use_cache=False).logits
+                    with below():
+                        logits = model(**batch.inputs, use_cache=False).logits
                     d = act_distance(act, outs["main"], outs["side"], valid)
                     nll, margin = edit_nll(logits[:-1], batch.labels[:-1]), routing_loss(d[:-1], d[-1:], hp)
                     total = nll + margin

@@ -60,6 +60,14 @@ class Arch:
     def num_layers(self, model: nn.Module) -> int:
         return len(get_module(model, self.blocks))
 
+    def blocks_below(self, model: nn.Module, module: str) -> list[str]:
+        """The blocks under the one that holds ``module``, lowest first: nothing done at ``module``
+        changes their output. Empty for a module outside the blocks."""
+        for layer in range(self.num_layers(model)):
+            if module == self.block(layer) or module.startswith(self.block(layer) + "."):
+                return [self.block(i) for i in range(layer)]
+        return []
+
     def mlp_dims(self, model: nn.Module, layer: int) -> tuple[int, int]:
         """(d_in, d_out) of the MLP output projection: key and value sizes."""
         w = get_module(model, self.mlp_out_module(layer)).weight
