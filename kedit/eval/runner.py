@@ -241,11 +241,16 @@ class _Run:
         finally:
             stack.restore(self.model)
         self._check("after restoring the sequential edit stack")
+        # the last curve point scored every request on the whole stack, as the final scoring does
+        last = self.last_seen if refs is not None and self.cfg.curve_generation and len(self.last_seen) >= n else None
         for group in chunks(range(n), self.cfg.eval_group):
             pre, refs = self._pre(group)
-            with stack.applied(self.model):
-                post, _ = self.scorer.score([self.reqs[i] for i in group], refs)
-            self._check(f"after restoring the stack (final scoring of requests {group[0]}..{group[-1]})")
+            if last is not None:
+                post = [last[i] for i in group]
+            else:
+                with stack.applied(self.model):
+                    post, _ = self.scorer.score([self.reqs[i] for i in group], refs)
+                self._check(f"after restoring the stack (final scoring of requests {group[0]}..{group[-1]})")
             for i, a, b in zip(group, pre, post):
                 self._done(i, a, b, ppl_post)
         return ppl_post
@@ -290,6 +295,7 @@ class _Run:
         count = max(n_edits, first_k)
         seen, _ = self.scorer.score(self.reqs[:count], None if refs is None else refs[:count], light=refs is None,
                                     generation=gen)
+        self.last_seen = seen
         point: dict[str, Any] = {"n_edits": n_edits}
         rewrite = ("rewrite/es", "rewrite/acc", "rewrite/gen")
         for key in rewrite + (() if refs is None else CURVE_FULL):
