@@ -105,24 +105,33 @@ def compare(out: Path, n: int) -> Path | None:
     from kedit.eval import Results
     from kedit.eval.results import compare_markdown, fmt
 
-    runs, walls = {}, {}
+    runs, walls, curves, models = {}, {}, {}, set()
     for path in sorted(out.glob(f"lifelong_*_{n}.json")):
         payload = json.loads(path.read_text())
         label = path.stem.removeprefix("lifelong_").removesuffix(f"_{n}")
         runs[label] = Results.from_json(json.dumps(payload["results"]))
         walls[label] = payload.get("run_wall_seconds")
-    if not runs:
+        curves[label] = runs[label].curves
+        models.add(runs[label].meta.get("model"))
+    for path in sorted(out.glob(f"lifelong_*_{n}.partial.json")):  # runs stopped (or still going)
+        label = path.name.removeprefix("lifelong_").removesuffix(f"_{n}.partial.json")
+        if label not in runs:
+            payload = json.loads(path.read_text())
+            curves[f"{label} (partial)"] = payload["curve"]
+            models.add(payload["args"].get("model"))
+    if not curves:
         return None
-    model = next(iter(runs.values())).meta.get("model")
-    lines = [f"## Lifelong editing: {n} sequential zsRE edits, {model}", "",
-             "Final scores (every request on the whole stack):", ""] + compare_markdown(runs)
-    lines.append("| run wall seconds | | " + " | ".join("-" if walls[r] is None else f"{walls[r]:.0f}"
-                                                     for r in runs) + " |")
-    lines += ["", "Curves (seen: the requests edited so far; first: the first edits, as many as at the first point):",
-              "",
+    lines = [f"## Lifelong editing: {n} sequential zsRE edits, {', '.join(sorted(map(str, models)))}", ""]
+    if runs:
+        lines += ["Final scores (every request on the whole stack):", ""] + compare_markdown(runs)
+        lines.append("| run wall seconds | | " + " | ".join("-" if walls[r] is None else f"{walls[r]:.0f}"
+                                                         for r in runs) + " |")
+        lines.append("")
+    lines += ["Curves (seen: the requests edited so far; first: the first edits, as many as at the first point; "
+              "partial: a run stopped before its last point):", "",
               "| run | edits | " + " | ".join(CURVE_KEYS) + " |", "| --- | ---: |" + " ---: |" * len(CURVE_KEYS)]
-    for label, res in runs.items():
-        for point in res.curves:
+    for label, points in curves.items():
+        for point in points:
             first = {f"first:{k.split(':')[-1]}": v for k, v in point.items() if k.startswith("first")}
             lines.append(f"| {label} | {point['n_edits']} | "
                          + " | ".join(fmt({**point, **first}.get(k), k.split(":")[-1]) for k in CURVE_KEYS) + " |")
