@@ -58,8 +58,9 @@ def part_single(args) -> None:
     t0 = time.perf_counter()
     editor.cov_factor(model, tok, editor.layer(model))
     stats_s = time.perf_counter() - t0
+    quick = {"fluency": False, "perplexity": False} if args.quick else {}
     res = evaluate(model, tok, editor, reqs, mode="single", max_generation_prompts=args.gen_prompts,
-                   fluency_new_tokens=args.fluency_tokens, reuse_pre=reused_pre(args.reuse_pre, len(reqs)))
+                   fluency_new_tokens=args.fluency_tokens, reuse_pre=reused_pre(args.reuse_pre, len(reqs)), **quick)
     title = f"ROME single edits, SmolLM2-135M, {len(reqs)} CounterFact records"
     md = res.to_markdown(title=title + (f", {args.hparams}" if args.hparams != "{}" else ""))
     md += (f"\nstatistics: {args.stats_tokens} tokens, {stats_s:.1f} s (0 when read from the cache); "
@@ -216,6 +217,8 @@ def main() -> None:
     p.add_argument("--fluency-tokens", type=int, default=32)
     p.add_argument("--hparams", default="{}", help="single: JSON of ROME hyperparameter overrides; "
                                                    "configs: JSON {name: overrides or \"llama.yaml\"}")
+    p.add_argument("--quick", action="store_true",
+                   help="single: no fluency or perplexity (a screen of variants; --reuse-pre needs a quick run)")
     p.add_argument("--tag", default="", help="single: suffix of the result files (for runs with other --hparams)")
     p.add_argument("--reuse-pre", default=None,
                    help="single: an earlier rome_single JSON on the same records (its first --n are used): "

@@ -72,6 +72,8 @@ def test_tuned_configs_by_model_name_then_family(tiny):
     rome = kedit.editor("rome", config="auto", model=model)
     assert rome.hparams.fit_templates and rome.hparams.v_stop_argmax  # configs/rome/llama.yaml
     assert kedit.editor("rome", config="llama").hparams == rome.hparams  # a shipped config by name
+    general = kedit.editor("rome", config="llama-general").hparams  # the trade-off for paraphrases
+    assert general.fit_templates and not general.v_stop_argmax and general.v_lr > rome.hparams.v_lr
     assert not kedit.editor("rome").hparams.fit_templates  # no config: the paper's values
     with pytest.raises(ValueError, match="model="):
         kedit.editor("rome", config="auto")

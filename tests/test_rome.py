@@ -107,6 +107,37 @@ def test_argmax_stop(tiny, monkeypatch):
     torch.testing.assert_close(vals.delta, fixed.delta)
 
 
+def test_probability_stop(tiny, monkeypatch):
+    """``v_stop_prob``: the optimization stops at the first step where the target's per-token
+    probability is at least p on every template, with the δ of that many steps."""
+    import kedit.editors.values as values
+
+    model, tok = tiny("llama")
+    hp = dataclasses.replace(contract_editor("rome", model, tok).hparams, v_steps=10, v_stop_nll=0.0,
+                             v_stop_argmax=False, edit_aware=False, prefix_cache=True, kl_factor=0.0625, v_lr=0.5)
+    reqs = locate_requests([{"prompt": "The capital of France", "subject": "France", "target_new": "Rome"}])
+    templates = context_templates(model, tok, [(4, 3)], seed=0)
+    module = arch_of(model).mlp_out_module(0)
+    least = []
+    real = values.target_logprobs
+
+    def spy(logits, labels):
+        out = real(logits, labels)
+        least.append(float(torch.exp(out[0].detach() / out[2]).min()))
+        return out
+
+    monkeypatch.setattr(values, "target_logprobs", spy)
+    optimize_values(model, tok, reqs, templates, module, hp)  # the least probability, step by step
+    curve = list(least)
+    k = next(k for k in range(1, len(curve)) if curve[k] > max(curve[:k]))  # the first new high
+    p = (curve[k] + max(curve[:k])) / 2
+    least.clear()
+    vals = optimize_values(model, tok, reqs, templates, module, dataclasses.replace(hp, v_stop_prob=p))
+    assert vals.steps[0] == k and len(least) == k + 1
+    fixed = optimize_values(model, tok, reqs, templates, module, dataclasses.replace(hp, v_steps=k))
+    torch.testing.assert_close(vals.delta, fixed.delta)
+
+
 @pytest.mark.parametrize("family", ["gpt2", "llama", "gpt_neox"])
 def test_rank_one_update_maps_key_to_value(tiny, family):
     """ΔW k* = δ (r-ROME: the same key computes and applies the update), in storage orientation."""

@@ -63,6 +63,10 @@ class LocateHparams:
     """Also stop a request once its target is the most probable token at every target position of
     every template (ENCORE's most-probable early stopping, Gupta et al. 2025): fewer steps and a
     smaller δ, at the price of a less confident edit."""
+    v_stop_prob: float = 0.0
+    """Also stop a request once the target's per-token probability (exp of minus its mean per-token
+    NLL) is at least this on every template: a stop with a margin, which leaves δ larger than the
+    argmax stop does (0: off, the papers' behaviour)."""
     v_weight_decay: float = 0.5
     """Weight of the ‖δ‖ / ‖v‖² penalty."""
     clamp_norm_factor: float = 4.0

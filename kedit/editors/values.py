@@ -54,7 +54,7 @@ from kedit.utils import kl_divergence, pad_id
 
 log = logging.getLogger(__name__)
 
-VALUE_FIELDS = ("v_lr", "v_steps", "v_stop_nll", "v_stop_argmax", "v_weight_decay", "clamp_norm_factor",
+VALUE_FIELDS = ("v_lr", "v_steps", "v_stop_nll", "v_stop_argmax", "v_stop_prob", "v_weight_decay", "clamp_norm_factor",
                 "kl_factor", "prefix_cache")
 """The hyperparameters the value step reads (with the templates): a cache of values keys on them."""
 
@@ -108,7 +108,7 @@ class RowTable:
 
 
 def value_loss(logits: Tensor, rows: RowTable, delta: Tensor, v_norm: Tensor, kl_init: Tensor,
-               active: Tensor, hp: LocateHparams) -> tuple[Tensor, Tensor, Tensor]:
+               active: Tensor, hp: LocateHparams) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """ROME Eq. 4 / MEMIT Eq. 16, for each request i (its templates xⱼ, prompt pᵢ, target o*ᵢ):
 
         L(δᵢ) = 1/Nᵢ Σⱼ -log P_δ(o*ᵢ | xⱼ ⊕ pᵢ) / |o*ᵢ|                   (target NLL per token)
@@ -116,20 +116,22 @@ def value_loss(logits: Tensor, rows: RowTable, delta: Tensor, v_norm: Tensor, kl
               + v_weight_decay · ‖δᵢ‖ / ‖vᵢ‖²                                (vᵢ: the original value)
 
     Returns the loss (n,) of the ``active`` requests (zero for those already stopped), the NLL
-    term (n,) and, per request, the number of rows whose target is not the argmax at every target
-    token."""
+    term (n,), per request the number of rows whose target is not the argmax at every target
+    token, and per request the least per-token target probability over its rows (the stop rules)."""
     n = len(delta)
     logp, correct, length = target_logprobs(logits[rows.rewrite], rows.labels[rows.rewrite])
     req = rows.request[rows.rewrite]
     nll = torch.zeros(n, device=delta.device).index_add(0, req, -logp / length.clamp(min=1)) / rows.templates
     missed = torch.zeros(n, device=delta.device).index_add(0, req, (correct < length).float())
+    row_p = torch.exp(logp.detach() / length.clamp(min=1))
+    least = torch.ones(n, device=delta.device).scatter_reduce(0, req, row_p, "amin")
     loss = nll
     if rows.kl.any():
         kl_logp = kl_logprobs(logits, rows)
         kl_row = kl_divergence(kl_logp, kl_init[rows.request[rows.kl]])  # KL(P_δ ‖ P)
         loss = loss + hp.kl_factor * torch.zeros(n, device=delta.device).index_add(0, rows.request[rows.kl], kl_row)
     loss = loss + hp.v_weight_decay * delta.norm(dim=-1) / v_norm ** 2
-    return loss * active, nll, missed
+    return loss * active, nll, missed, least
 
 
 def kl_logprobs(logits: Tensor, rows: RowTable) -> Tensor:
@@ -169,7 +171,8 @@ def optimize_values(model: nn.Module, tokenizer, requests: Sequence[EditRequest]
 
 def _descend(runner: FullForward, layout: Layout, n: int, width: int, hp: LocateHparams) -> Values:
     """Adam on :func:`value_loss`; a request stops once its NLL is below ``v_stop_nll`` (or its
-    target is the argmax everywhere, ``v_stop_argmax``) and keeps its δ from then on."""
+    target is the argmax everywhere, ``v_stop_argmax``, or has a per-token probability of at least
+    ``v_stop_prob`` on every template) and keeps its δ from then on."""
     device = layout.request.device
     delta = torch.zeros(n, width, device=device, requires_grad=True)  # d_model: mlp_out and blocks output it
     opt = torch.optim.Adam([delta], lr=hp.v_lr)
@@ -185,11 +188,13 @@ def _descend(runner: FullForward, layout: Layout, n: int, width: int, hp: Locate
         if v_norm is None:
             v_norm = runner.init[layout.is_bare].norm(dim=-1)
         active = ~done
-        loss, nll, missed = value_loss(logits, rows, delta, v_norm, kl_init, active, hp)
+        loss, nll, missed, least = value_loss(logits, rows, delta, v_norm, kl_init, active, hp)
         last_nll[active.cpu()] = nll.detach().cpu()[active.cpu()]
         reached = nll.detach() < hp.v_stop_nll
         if hp.v_stop_argmax:
             reached |= missed == 0
+        if hp.v_stop_prob > 0:
+            reached |= least >= hp.v_stop_prob
         newly = reached & active
         for i in newly.nonzero().flatten().tolist():
             steps[i] = step
