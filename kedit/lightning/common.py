@@ -1,4 +1,4 @@
-"""Lightning pieces shared by the learned editors (MEND, SERAC).
+"""Lightning pieces shared by the learned editors (MEND, MALMEN, SERAC).
 
 * :class:`WandbLogger`: Lightning's W&B logger that goes offline when no W&B key is set up.
   W&B's temporary folders go to ``$TMPDIR/kedit-wandb/<host>-<pid>`` (:mod:`kedit.lightning.wandb_tmp`),
@@ -7,6 +7,8 @@
   resume); ``python -m kedit.train`` prints it as one line.
 * :class:`EditorCheckpointMixin`: checkpoints hold the editor only, never the frozen base
   model, plus the base model's identity; loading onto another base model is refused.
+* :class:`HypernetModule`: the frozen base model, export and validation metrics of the
+  gradient-hypernetwork editors (MEND, MALMEN); ``val/score`` for ``ModelCheckpoint(monitor=...)``.
 * :class:`ExportEditor` / :func:`export_checkpoint`: write an editor artifact
   (safetensors, see :mod:`kedit.checkpoint`) at the end of fit or from a ``.ckpt``.
 * :func:`load_base`: the base model by name (:func:`kedit.models.load_model`).
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -148,6 +151,113 @@ class EditorCheckpointMixin:
             tensors = {k: v.detach().to(self.export_dtype) if v.is_floating_point() else v for k, v in tensors.items()}
             extra = {**extra, "storage_dtype": str(self.export_dtype).removeprefix("torch.")}
         return save_artifact(path, self.editor_name, tensors, self.editor_hparams(), self.base_identity(), extra)
+
+
+class HypernetModule(EditorCheckpointMixin, LightningModule):
+    """What the gradient-hypernetwork editors' modules (MEND, MALMEN) share: the frozen base model,
+    its identity, the editor view of the hypernetwork, export, and the validation metrics.
+
+    A subclass sets ``Hparams`` (the editor's dataclass), ``Editor`` (its inference class, which
+    takes ``(hparams, net=, base=)``), ``editor_name`` and ``artifact_prefix``, builds its
+    hypernetwork, exposes it as :attr:`net` and fills ``self.metrics`` (name -> ``MeanMetric``,
+    logged as ``val/<name>`` at each validation end).
+    """
+
+    Hparams: type = object
+    Editor: type = object
+    VAL_SCORE = ("edit_success", "paraphrase_success", "locality")
+    """Metrics whose harmonic mean is logged as ``val/score`` (for ModelCheckpoint's ``monitor``)."""
+
+    def __init__(self, model: str, editor: Any, dtype: str) -> None:
+        super().__init__()
+        if isinstance(editor, dict):  # from a checkpoint's hparams
+            editor = self.Hparams(**editor)
+        self.cfg = editor or self.Hparams()
+        self.save_hyperparameters({"model": model, "editor": self.cfg.as_dict(), "dtype": dtype})
+        self.base, self.tokenizer = load_base(model, dtype)
+        self.base.requires_grad_(False).eval()
+        from kedit.models import arch_of
+
+        self.arch = arch_of(self.base)
+        self.seq2seq = self.arch.encoder_decoder
+        self._identity: dict[str, Any] | None = None
+
+    @property
+    def net(self) -> nn.Module:
+        """The hypernetwork (``names``: the edited weights)."""
+        raise NotImplementedError
+
+    # keep the frozen base in eval mode (no dropout) whatever Lightning asks
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.base.eval()
+        return self
+
+    # -- checkpoint content (EditorCheckpointMixin)
+    def editor_hparams(self) -> dict[str, Any]:
+        return self.cfg.as_dict()
+
+    def base_identity(self) -> dict[str, Any]:
+        if self._identity is None:
+            from kedit.checkpoint import base_model_identity
+
+            self._identity = base_model_identity(self.base)
+            params = dict(self.base.named_parameters())
+            self._identity["shapes"] = {n: list(params[n].shape) for n in self.net.names}
+        return self._identity
+
+    def artifact_extra(self) -> dict[str, Any]:
+        return {**self.as_editor().artifact_state()[1], "model": self.hparams["model"]}
+
+    def as_editor(self):
+        """The current hypernetwork as an inference editor (shares its weights)."""
+        return self.Editor(self.cfg, net=self.net, base=self.base_identity())
+
+    def export_editor(self, path: str | Path) -> Path:
+        """Write the trained editor as a ``kedit.load_editor`` artifact (the editor's ``save``)."""
+        return self.as_editor().save(path, extra={"model": self.hparams["model"]})
+
+    # -- the base model
+    def _encode(self, prompts: list[str], targets: list[str]) -> dict[str, torch.Tensor]:
+        from kedit.data.encode import encode
+
+        return encode(self.tokenizer, prompts, targets, seq2seq=self.seq2seq, device=self.device)
+
+    def _forward(self, params: dict[str, torch.Tensor] | None, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Logits of the base model, with ``params`` swapped in (never written) when given."""
+        from kedit.data.encode import model_inputs
+
+        if params is None:
+            return self.base(**model_inputs(batch)).logits
+        return torch.func.functional_call(self.base, params, (), model_inputs(batch)).logits
+
+    # -- logging
+    def on_train_start(self) -> None:
+        self._t0, self._step0 = time.perf_counter(), self.global_step
+
+    def log_speed(self) -> None:
+        """``perf/steps_per_s`` since this fit started and ``perf/peak_mem_mb``."""
+        from kedit.utils import peak_memory_mb
+
+        steps = self.global_step - getattr(self, "_step0", 0) + 1
+        elapsed = time.perf_counter() - getattr(self, "_t0", time.perf_counter())
+        self.log("perf/steps_per_s", steps / max(elapsed, 1e-9), batch_size=1)
+        self.log("perf/peak_mem_mb", peak_memory_mb(self.device), batch_size=1)
+
+    def on_validation_epoch_end(self) -> None:
+        values = {}
+        for key, metric in self.metrics.items():  # torchmetrics reduce across DDP ranks
+            values[key] = metric.compute()
+            self.log(f"val/{key}", values[key], prog_bar=key in ("edit_success", "locality"))
+            metric.reset()
+        if all(k in values for k in self.VAL_SCORE):
+            self.log("val/score", val_score([values[k] for k in self.VAL_SCORE]), prog_bar=True)
+
+
+def val_score(values: list[torch.Tensor]) -> torch.Tensor:
+    """Harmonic mean of success rates in [0, 1]: high only when every one is (0 if any is 0)."""
+    v = torch.stack([torch.as_tensor(x, dtype=torch.float32) for x in values]).clamp(min=0)
+    return torch.zeros(()) if (v == 0).any() else len(v) / (1 / v).sum()
 
 
 def resume_inside_cut_epoch(checkpoint: dict[str, Any]) -> bool:
