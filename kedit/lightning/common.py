@@ -11,6 +11,8 @@
   gradient-hypernetwork editors (MEND, MALMEN); ``val/score`` for ``ModelCheckpoint(monitor=...)``.
 * :class:`ExportEditor` / :func:`export_checkpoint`: write an editor artifact
   (safetensors, see :mod:`kedit.checkpoint`) at the end of fit or from a ``.ckpt``.
+* :class:`RunModelCheckpoint`: the presets' checkpoints, in ``<trainer.default_root_dir>/checkpoints``,
+  the best by a named validation metric (``monitor``) or the latest, plus ``last.ckpt``.
 * :func:`load_base`: the base model by name (:func:`kedit.models.load_model`).
 """
 
@@ -24,6 +26,7 @@ from typing import Any
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import WandbLogger as _WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 from torch import nn
@@ -310,13 +313,43 @@ def export_checkpoint(ckpt: str | Path, out: str | Path) -> Path:
     return save_artifact(out, meta["editor"], tensors, meta["hparams"], meta.get("base"), extra)
 
 
+class RunModelCheckpoint(ModelCheckpoint):
+    """Lightning's ``ModelCheckpoint`` whose relative ``dirpath`` lies in the run's folder,
+    ``trainer.default_root_dir`` (the working directory unless ``--trainer.default_root_dir`` sets
+    it), not in the working directory the callback was made in. The trainer presets' checkpoints
+    (``trainers/shared/callbacks.yaml``: ``dirpath: checkpoints``) go to ``<default_root_dir>/checkpoints``.
+
+    With ``monitor`` (``val/score``, ``val/locality``, ... and ``mode``) the ``save_top_k`` best
+    checkpoints by that validation metric are kept beside ``last.ckpt``; without, the latest.
+    """
+
+    def __init__(self, dirpath: str | Path | None = None, *args: Any, **kwargs: Any) -> None:
+        super().__init__(dirpath, *args, **kwargs)
+        relative = dirpath is not None and "://" not in str(dirpath) and not Path(dirpath).expanduser().is_absolute()
+        self._relative = str(dirpath) if relative else None
+
+    def resolve_dirpath(self, trainer: Trainer) -> None:
+        """Put a relative ``dirpath`` inside ``trainer.default_root_dir`` (once the trainer is known)."""
+        if self._relative is not None:
+            self.dirpath = os.path.realpath(os.path.join(trainer.default_root_dir, self._relative))
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self.resolve_dirpath(trainer)
+        super().setup(trainer, pl_module, stage)
+
+    def _find_last_checkpoints(self, trainer: Trainer) -> set[str]:  # ckpt_path="last", before setup
+        self.resolve_dirpath(trainer)
+        return super()._find_last_checkpoints(trainer)
+
+
 def last_checkpoints(trainer: Trainer) -> list[str]:
     """The files ``ckpt_path="last"`` chooses from: "last" checkpoints in the ModelCheckpoint folders."""
     from lightning.fabric.utilities.cloud_io import get_filesystem
-    from lightning.pytorch.callbacks import ModelCheckpoint
 
     found = []
     for cb in trainer.checkpoint_callbacks:
+        if isinstance(cb, RunModelCheckpoint):
+            cb.resolve_dirpath(trainer)
         if isinstance(cb, ModelCheckpoint) and cb.dirpath:
             fs = get_filesystem(cb.dirpath)
             if fs.isdir(cb.dirpath):
