@@ -222,3 +222,10 @@ def test_ddp_two_processes_equal_one_process_double_batch(tmp_path):
         assert torch.allclose(a[k].double(), b[k].double(), atol=1e-5, rtol=1e-4), k
     assert all(a[k].abs().sum() > 0 for k in a if k.endswith(".B"))  # the zero-initialized B learned
     assert any(not torch.isclose(a[k], torch.tensor(1.0)) for k in a if k.startswith("lr."))  # lr_m moved
+
+
+def test_val_score_is_the_harmonic_mean_and_zero_when_one_rate_is():
+    from kedit.lightning.common import val_score
+
+    assert val_score([torch.tensor(1.0), torch.tensor(0.5), torch.tensor(0.5)]).item() == pytest.approx(0.6)
+    assert val_score([torch.tensor(1.0), torch.tensor(0.0), torch.tensor(0.9)]).item() == 0.0
