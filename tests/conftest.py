@@ -49,6 +49,17 @@ def pytest_report_header(config):
             "kedit dev data: KEDIT_DATA unset; tests marked dev_data are deselected")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def shipped_checkpoints_untouched():
+    """No test writes into the repository's checkpoints/ (the shipped editors): a training run in a
+    test gives its checkpoints a temporary folder (``--trainer.default_root_dir``, ``dirpath``)."""
+    folder = Path(__file__).resolve().parents[1] / "checkpoints"
+    before = set(os.listdir(folder)) if folder.is_dir() else set()
+    yield
+    new = sorted(set(os.listdir(folder)) - before) if folder.is_dir() else []
+    assert not new, f"the tests wrote {new} into {folder}; give their checkpoints a temporary folder"
+
+
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
     """The large development data (``$KEDIT_DATA``); only for tests marked ``dev_data``."""

@@ -43,6 +43,8 @@ PAPER = {
     "ft-m": dict(num_steps=5, lr=1e-2, norm_constraint=None, objective="target"),
     # untrained: identity hypernetwork, i.e. a plain gradient step of size edit_lr on the last MLPs
     "mend": dict(edit_lr=1.0, rank=8),
+    # untrained as well: per answer token a gradient-step output change, aggregated by least squares
+    "malmen": dict(edit_lr=1.0, rank=8),
     "serac": dict(classifier="ngram", counterfactual=STUB_COUNTERFACTUAL),
     # the official algorithm and radius; fewer value steps on a 3-block model
     "grace": dict(n_iter=20),
@@ -66,7 +68,7 @@ CONTRACT = {
 def paper_editor(name: str, model: nn.Module, tokenizer=None, **overrides) -> Editor:
     """The registered editor ``name`` with the papers' settings scaled for tiny models."""
     editor = editor_class(name)(**{**PAPER.get(name, {}), **overrides})
-    if name == "mend":
+    if name in ("mend", "malmen"):
         editor.build(model)
     return editor
 

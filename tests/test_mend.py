@@ -244,8 +244,8 @@ def _cli(args, env=None, timeout=300):
                           text=True, timeout=timeout)
 
 
-def _ddp_args(tmp_path, name, batch, devices, strategy, extra=()):
-    return ["fit", "--config", "configs/mend/tiny-llama.yaml", "--trainer", "trainers/ddp_cpu.yaml",
+def _ddp_args(tmp_path, name, batch, devices, strategy, extra=(), config="configs/mend/tiny-llama.yaml"):
+    return ["fit", "--config", config, "--trainer", "trainers/ddp_cpu.yaml",
             f"--trainer.devices={devices}", f"--trainer.strategy={strategy}", "--trainer.max_steps=2",
             "--trainer.logger=false", "--trainer.callbacks=null", "--trainer.enable_checkpointing=false",
             "--trainer.limit_val_batches=0", "--trainer.enable_progress_bar=false",

@@ -255,3 +255,58 @@ def test_wandb_temporaries_of_killed_runs_are_removed(tmp_path):
     other.mkdir()
     assert remove_stale_tmp(root) == [own]
     assert not own.exists() and alive.is_dir() and other.is_dir()
+
+
+# --------------------------------------------------------------------------- checkpoints: where, and which survive
+
+
+def test_preset_checkpoint_keeps_the_best_by_a_named_metric_and_last(tmp_path, monkeypatch):
+    """The presets' ModelCheckpoint with ``--trainer.callbacks.init_args.monitor=val/locality``: the
+    best validation's checkpoint survives beside last.ckpt, both in <default_root_dir>/checkpoints
+    (not in the working directory)."""
+    import lightning as L
+    from lightning.pytorch.demos.boring_classes import BoringModel
+
+    from kedit.lightning.common import RunModelCheckpoint
+
+    scores = [0.5, 0.9, 0.7, 0.6]  # val/locality at the validations after steps 1, 2, 3, 4
+
+    class Scripted(BoringModel):
+        def on_validation_epoch_end(self):
+            self.log("val/locality", scores[self.global_step - 1])
+
+    cfg = _parse(["--config", str(ROOT / "configs" / "mend" / "tiny-llama.yaml"),
+                  "--trainer", str(TRAINERS[0]), "--trainer.callbacks.init_args.monitor=val/locality"]).fit.trainer
+    (spec,) = cfg.callbacks
+    assert spec.init_args.mode == "max" and spec.init_args.monitor == "val/locality"
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")
+    callback = RunModelCheckpoint(**vars(spec.init_args))
+    trainer = L.Trainer(max_steps=4, val_check_interval=1, limit_val_batches=1, check_val_every_n_epoch=None,
+                        logger=False, enable_progress_bar=False, enable_model_summary=False,
+                        default_root_dir=str(tmp_path / "run"), callbacks=[callback])
+    trainer.fit(Scripted())
+    saved = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
+    assert saved == ["epoch=0-step=2.ckpt", "last.ckpt"], saved
+    assert callback.best_model_score.item() == pytest.approx(0.9)
+    assert list((tmp_path / "cwd").iterdir()) == []  # nothing in the working directory
+
+
+def test_cli_checkpoints_follow_default_root_dir(tmp_path, monkeypatch):
+    """``--trainer.default_root_dir`` is the run's folder: the presets' checkpoints go there, and
+    ``--ckpt_path last`` finds them there (the test that wrote checkpoints/last.ckpt into the
+    repository passed a default_root_dir that the preset's ``dirpath: checkpoints`` ignored)."""
+    from kedit.testing import write_edit_file
+    from kedit.train import main
+
+    data = write_edit_file(tmp_path / "edits.json", 8)
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")
+    run = f"--trainer.default_root_dir={tmp_path / 'run'}"
+    main(_fit_args(data, "--trainer.max_steps=1", run))
+    assert (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file()
+    main(_fit_args(data, "--trainer.max_steps=2", run, "--ckpt_path", "last"))
+    import torch
+
+    assert torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 2
+    assert list((tmp_path / "cwd").iterdir()) == []

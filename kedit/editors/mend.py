@@ -23,7 +23,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.distributed as dist
@@ -205,12 +205,12 @@ class MENDNet(nn.Module):
 
 
 def edited_weights(model: nn.Module, hparams: MENDHparams) -> list[str]:
-    """Parameter names MEND edits, from the Arch table (default: MLP projections of the last 3 blocks)."""
+    """Parameter names MEND (and MALMEN) edit, from the Arch table (MEND default: MLP projections of the last 3 blocks)."""
     arch = arch_of(model)
     n = arch.num_layers(model)
     layers = hparams.layers if hparams.layers is not None else list(range(n - hparams.num_last_layers, n))
     names: list[str] = []
-    for layer in check_layers(layers, n, "MEND layers"):
+    for layer in check_layers(layers, n, "editor layers"):
         for kind in hparams.weights:
             if kind == "mlp_in":
                 modules = arch.mlp_in_modules(layer, model)
@@ -219,7 +219,7 @@ def edited_weights(model: nn.Module, hparams: MENDHparams) -> list[str]:
             elif kind == "attn_out":
                 modules = [arch.attn_out_module(layer)]
             else:
-                raise ValueError(f"MEND weights: unknown kind {kind!r}; use mlp_in, mlp_out, attn_out")
+                raise ValueError(f"editor weights: unknown kind {kind!r}; use mlp_in, mlp_out, attn_out")
             names += [f"{m}.weight" for m in modules]
     return names
 
@@ -281,30 +281,45 @@ class MEND(Editor):
 
     name = "mend"
     Hparams = MENDHparams
+    Net: ClassVar[type[nn.Module]] = MENDNet
+    """The hypernetwork class: ``Net(hparams, dims)`` with ``dims[name] = (d_out, d_in)`` and ``.names``."""
+    weights_prefix: ClassVar[str] = "mlps."
+    """State-dict prefix of the hypernetwork's weight matrices (what :meth:`save` may store in a smaller dtype)."""
 
-    def __init__(self, hparams: MENDHparams | None = None, net: MENDNet | None = None,
+    def __init__(self, hparams: MENDHparams | None = None, net: nn.Module | None = None,
                  base: dict[str, Any] | None = None, **overrides: Any) -> None:
         super().__init__(hparams, **overrides)
         self.net = net
         self.base = base or {}
 
     # -- construction
-    def build(self, model: nn.Module) -> MENDNet:
+    def build(self, model: nn.Module) -> nn.Module:
         """The hypernetwork for ``model`` (created identity-initialized if this editor has none)."""
         if self.net is None:
             names = edited_weights(model, self.hparams)
-            self.net = MENDNet(self.hparams, weight_dims(model, names)).eval()
-            log.warning("MEND editor has no trained hypernetwork: using an identity-initialized one "
-                        "(a normalized gradient step with step size edit_lr=%g)", self.hparams.edit_lr)
+            self.net = self.Net(self.hparams, weight_dims(model, names)).eval()
+            log.warning("%s editor has no trained hypernetwork: using an identity-initialized one "
+                        "(a normalized gradient step with step size edit_lr=%g)", self.name.upper(),
+                        self.hparams.edit_lr)
         return self.net
+
+    def ready(self, model: nn.Module) -> tuple[nn.Module, torch.device]:
+        """The hypernetwork, in eval mode on ``model``'s device, and that device; every edited weight must exist."""
+        net = self.build(model)
+        missing = [n for n in net.names if n not in dict(model.named_parameters())]
+        if missing:
+            raise ValueError(f"{self.name.upper()} editor edits {missing[:3]}, which {type(model).__name__} "
+                             "does not have")
+        device = next(model.parameters()).device
+        return net.to(device).eval(), device
 
     @classmethod
     def from_artifact(cls, path: str | Path) -> MEND:
-        """A trained MEND from an editor artifact (see :mod:`kedit.checkpoint`)."""
+        """A trained editor of this class from an editor artifact (see :mod:`kedit.checkpoint`)."""
         from kedit.checkpoint import META_KEY, load_editor_artifact
         from kedit.editors.base import EditFileError, require
 
-        tensors, meta, file, hparams = load_editor_artifact(path, cls.name, MENDHparams)
+        tensors, meta, file, hparams = load_editor_artifact(path, cls.name, cls.Hparams)
         try:
             dims = require(meta.get("extra") or {}, "dims", dict, f"{META_KEY}.extra")
         except ValueError as err:
@@ -314,34 +329,34 @@ class MEND(Editor):
         if not dims or bad:
             raise EditFileError(f"{file}: field '{META_KEY}.extra.dims' must map each weight to [d_out, d_in]"
                                 + (f"; {bad[0]!r} is {dims[bad[0]]!r}" if bad else ", and is empty"))
-        net = MENDNet(hparams, {n: tuple(v) for n, v in dims.items()})
-        tensors = {k: v.float() if k.startswith("mlps.") else v for k, v in tensors.items()}
+        net = cls.Net(hparams, {n: tuple(v) for n, v in dims.items()})
+        tensors = {k: v.float() if k.startswith(cls.weights_prefix) else v for k, v in tensors.items()}
         want = net.state_dict()
         missing = [k for k in want if k not in tensors]
         unexpected = [k for k in tensors if k not in want]
         misshapen = [k for k in want if k in tensors and tensors[k].shape != want[k].shape]
         if missing or unexpected or misshapen:
-            raise EditFileError(f"{file}: tensors do not fit the MEND hypernetwork its header describes: "
+            raise EditFileError(f"{file}: tensors do not fit the {cls.name.upper()} hypernetwork its header describes: "
                                 f"missing {missing[:5]}, unexpected {unexpected[:5]}, wrong shape {misshapen[:5]}")
         net.load_state_dict(tensors)
         return cls(hparams, net=net.eval(), base=meta.get("base"))
 
     def artifact_state(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
         if self.net is None:
-            raise ValueError("this MEND editor has no hypernetwork to save")
+            raise ValueError(f"this {self.name.upper()} editor has no hypernetwork to save")
         return dict(self.net.state_dict()), {"dims": {n: list(v) for n, v in self.net.dims.items()}}
 
     def save(self, path: str | Path, dtype: torch.dtype | None = None, extra: dict[str, Any] | None = None) -> Path:
         """Write this editor as an artifact for ``kedit.load_editor`` (optionally casting MLP weights).
 
-        The one writer of MEND artifacts (``MENDModule.export_editor`` calls it); ``extra``: more
-        header entries (the training run's model name).
+        The one writer of MEND and MALMEN artifacts (the Lightning modules' ``export_editor`` calls
+        it); ``extra``: more header entries (the training run's model name).
         """
         from kedit.checkpoint import save_artifact
 
         tensors, own = self.artifact_state()
         if dtype is not None:
-            tensors = {k: v.to(dtype) if k.startswith("mlps.") else v for k, v in tensors.items()}
+            tensors = {k: v.to(dtype) if k.startswith(self.weights_prefix) else v for k, v in tensors.items()}
         return save_artifact(path, self.name, tensors, self.hparams.as_dict(), self.base, {**own, **(extra or {})})
 
     # -- editing
@@ -352,13 +367,8 @@ class MEND(Editor):
         A trained MEND refuses a model other than its base (``Editor.check_base``).
         """
         reqs = as_requests(requests)
-        net = self.build(model)
+        net, device = self.ready(model)
         arch = arch_of(model)
-        missing = [n for n in net.names if n not in dict(model.named_parameters())]
-        if missing:
-            raise ValueError(f"MEND editor edits {missing[:3]}, which {type(model).__name__} does not have")
-        device = next(model.parameters()).device
-        net.to(device).eval()
         batch = encode(tokenizer, [r.prompt for r in reqs], [r.target_new for r in reqs],
                        seq2seq=arch.encoder_decoder, device=device)
         u, d, _ = gradient_inputs(model, net.names, batch, arch.encoder_decoder)

@@ -1,4 +1,4 @@
-"""Lightning pieces shared by the learned editors (MEND, SERAC).
+"""Lightning pieces shared by the learned editors (MEND, MALMEN, SERAC).
 
 * :class:`WandbLogger`: Lightning's W&B logger that goes offline when no W&B key is set up.
   W&B's temporary folders go to ``$TMPDIR/kedit-wandb/<host>-<pid>`` (:mod:`kedit.lightning.wandb_tmp`),
@@ -7,8 +7,12 @@
   resume); ``python -m kedit.train`` prints it as one line.
 * :class:`EditorCheckpointMixin`: checkpoints hold the editor only, never the frozen base
   model, plus the base model's identity; loading onto another base model is refused.
+* :class:`HypernetModule`: the frozen base model, export and validation metrics of the
+  gradient-hypernetwork editors (MEND, MALMEN); ``val/score`` for ``ModelCheckpoint(monitor=...)``.
 * :class:`ExportEditor` / :func:`export_checkpoint`: write an editor artifact
   (safetensors, see :mod:`kedit.checkpoint`) at the end of fit or from a ``.ckpt``.
+* :class:`RunModelCheckpoint`: the presets' checkpoints, in ``<trainer.default_root_dir>/checkpoints``,
+  the best by a named validation metric (``monitor``) or the latest, plus ``last.ckpt``.
 * :func:`load_base`: the base model by name (:func:`kedit.models.load_model`).
 """
 
@@ -16,11 +20,13 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from pathlib import Path
 from typing import Any
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import WandbLogger as _WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 from torch import nn
@@ -150,6 +156,113 @@ class EditorCheckpointMixin:
         return save_artifact(path, self.editor_name, tensors, self.editor_hparams(), self.base_identity(), extra)
 
 
+class HypernetModule(EditorCheckpointMixin, LightningModule):
+    """What the gradient-hypernetwork editors' modules (MEND, MALMEN) share: the frozen base model,
+    its identity, the editor view of the hypernetwork, export, and the validation metrics.
+
+    A subclass sets ``Hparams`` (the editor's dataclass), ``Editor`` (its inference class, which
+    takes ``(hparams, net=, base=)``), ``editor_name`` and ``artifact_prefix``, builds its
+    hypernetwork, exposes it as :attr:`net` and fills ``self.metrics`` (name -> ``MeanMetric``,
+    logged as ``val/<name>`` at each validation end).
+    """
+
+    Hparams: type = object
+    Editor: type = object
+    VAL_SCORE = ("edit_success", "paraphrase_success", "locality")
+    """Metrics whose harmonic mean is logged as ``val/score`` (for ModelCheckpoint's ``monitor``)."""
+
+    def __init__(self, model: str, editor: Any, dtype: str) -> None:
+        super().__init__()
+        if isinstance(editor, dict):  # from a checkpoint's hparams
+            editor = self.Hparams(**editor)
+        self.cfg = editor or self.Hparams()
+        self.save_hyperparameters({"model": model, "editor": self.cfg.as_dict(), "dtype": dtype})
+        self.base, self.tokenizer = load_base(model, dtype)
+        self.base.requires_grad_(False).eval()
+        from kedit.models import arch_of
+
+        self.arch = arch_of(self.base)
+        self.seq2seq = self.arch.encoder_decoder
+        self._identity: dict[str, Any] | None = None
+
+    @property
+    def net(self) -> nn.Module:
+        """The hypernetwork (``names``: the edited weights)."""
+        raise NotImplementedError
+
+    # keep the frozen base in eval mode (no dropout) whatever Lightning asks
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.base.eval()
+        return self
+
+    # -- checkpoint content (EditorCheckpointMixin)
+    def editor_hparams(self) -> dict[str, Any]:
+        return self.cfg.as_dict()
+
+    def base_identity(self) -> dict[str, Any]:
+        if self._identity is None:
+            from kedit.checkpoint import base_model_identity
+
+            self._identity = base_model_identity(self.base)
+            params = dict(self.base.named_parameters())
+            self._identity["shapes"] = {n: list(params[n].shape) for n in self.net.names}
+        return self._identity
+
+    def artifact_extra(self) -> dict[str, Any]:
+        return {**self.as_editor().artifact_state()[1], "model": self.hparams["model"]}
+
+    def as_editor(self):
+        """The current hypernetwork as an inference editor (shares its weights)."""
+        return self.Editor(self.cfg, net=self.net, base=self.base_identity())
+
+    def export_editor(self, path: str | Path) -> Path:
+        """Write the trained editor as a ``kedit.load_editor`` artifact (the editor's ``save``)."""
+        return self.as_editor().save(path, extra={"model": self.hparams["model"]})
+
+    # -- the base model
+    def _encode(self, prompts: list[str], targets: list[str]) -> dict[str, torch.Tensor]:
+        from kedit.data.encode import encode
+
+        return encode(self.tokenizer, prompts, targets, seq2seq=self.seq2seq, device=self.device)
+
+    def _forward(self, params: dict[str, torch.Tensor] | None, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Logits of the base model, with ``params`` swapped in (never written) when given."""
+        from kedit.data.encode import model_inputs
+
+        if params is None:
+            return self.base(**model_inputs(batch)).logits
+        return torch.func.functional_call(self.base, params, (), model_inputs(batch)).logits
+
+    # -- logging
+    def on_train_start(self) -> None:
+        self._t0, self._step0 = time.perf_counter(), self.global_step
+
+    def log_speed(self) -> None:
+        """``perf/steps_per_s`` since this fit started and ``perf/peak_mem_mb``."""
+        from kedit.utils import peak_memory_mb
+
+        steps = self.global_step - getattr(self, "_step0", 0) + 1
+        elapsed = time.perf_counter() - getattr(self, "_t0", time.perf_counter())
+        self.log("perf/steps_per_s", steps / max(elapsed, 1e-9), batch_size=1)
+        self.log("perf/peak_mem_mb", peak_memory_mb(self.device), batch_size=1)
+
+    def on_validation_epoch_end(self) -> None:
+        values = {}
+        for key, metric in self.metrics.items():  # torchmetrics reduce across DDP ranks
+            values[key] = metric.compute()
+            self.log(f"val/{key}", values[key], prog_bar=key in ("edit_success", "locality"))
+            metric.reset()
+        if all(k in values for k in self.VAL_SCORE):
+            self.log("val/score", val_score([values[k] for k in self.VAL_SCORE]), prog_bar=True)
+
+
+def val_score(values: list[torch.Tensor]) -> torch.Tensor:
+    """Harmonic mean of success rates in [0, 1]: high only when every one is (0 if any is 0)."""
+    v = torch.stack([torch.as_tensor(x, dtype=torch.float32) for x in values]).clamp(min=0)
+    return torch.zeros(()) if (v == 0).any() else len(v) / (1 / v).sum()
+
+
 def resume_inside_cut_epoch(checkpoint: dict[str, Any]) -> bool:
     """Make a checkpoint of an epoch that ``max_steps`` cut short resume inside that epoch.
 
@@ -200,13 +313,43 @@ def export_checkpoint(ckpt: str | Path, out: str | Path) -> Path:
     return save_artifact(out, meta["editor"], tensors, meta["hparams"], meta.get("base"), extra)
 
 
+class RunModelCheckpoint(ModelCheckpoint):
+    """Lightning's ``ModelCheckpoint`` whose relative ``dirpath`` lies in the run's folder,
+    ``trainer.default_root_dir`` (the working directory unless ``--trainer.default_root_dir`` sets
+    it), not in the working directory the callback was made in. The trainer presets' checkpoints
+    (``trainers/shared/callbacks.yaml``: ``dirpath: checkpoints``) go to ``<default_root_dir>/checkpoints``.
+
+    With ``monitor`` (``val/score``, ``val/locality``, ... and ``mode``) the ``save_top_k`` best
+    checkpoints by that validation metric are kept beside ``last.ckpt``; without, the latest.
+    """
+
+    def __init__(self, dirpath: str | Path | None = None, *args: Any, **kwargs: Any) -> None:
+        super().__init__(dirpath, *args, **kwargs)
+        relative = dirpath is not None and "://" not in str(dirpath) and not Path(dirpath).expanduser().is_absolute()
+        self._relative = str(dirpath) if relative else None
+
+    def resolve_dirpath(self, trainer: Trainer) -> None:
+        """Put a relative ``dirpath`` inside ``trainer.default_root_dir`` (once the trainer is known)."""
+        if self._relative is not None:
+            self.dirpath = os.path.realpath(os.path.join(trainer.default_root_dir, self._relative))
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self.resolve_dirpath(trainer)
+        super().setup(trainer, pl_module, stage)
+
+    def _find_last_checkpoints(self, trainer: Trainer) -> set[str]:  # ckpt_path="last", before setup
+        self.resolve_dirpath(trainer)
+        return super()._find_last_checkpoints(trainer)
+
+
 def last_checkpoints(trainer: Trainer) -> list[str]:
     """The files ``ckpt_path="last"`` chooses from: "last" checkpoints in the ModelCheckpoint folders."""
     from lightning.fabric.utilities.cloud_io import get_filesystem
-    from lightning.pytorch.callbacks import ModelCheckpoint
 
     found = []
     for cb in trainer.checkpoint_callbacks:
+        if isinstance(cb, RunModelCheckpoint):
+            cb.resolve_dirpath(trainer)
         if isinstance(cb, ModelCheckpoint) and cb.dirpath:
             fs = get_filesystem(cb.dirpath)
             if fs.isdir(cb.dirpath):

@@ -16,20 +16,16 @@ hparams and the base identity are saved).
 from __future__ import annotations
 
 import logging
-import time
-from pathlib import Path
 from typing import Any
 
 import torch
-from lightning.pytorch import LightningModule
 from torch import Tensor
 from torchmetrics import MeanMetric
 
-from kedit.data.encode import encode, model_inputs, target_logits, target_logprobs
+from kedit.data.encode import target_logits, target_logprobs
 from kedit.editors.mend import MEND, MENDHparams, MENDNet, edited_weights, gradient_inputs, mean_nll, weight_dims
-from kedit.lightning.common import EditorCheckpointMixin, load_base
-from kedit.models import arch_of
-from kedit.utils import kl_divergence, peak_memory_mb
+from kedit.lightning.common import HypernetModule
+from kedit.utils import kl_divergence
 
 log = logging.getLogger(__name__)
 
@@ -40,11 +36,13 @@ def locality_kl(pre_logits: Tensor, post_logits: Tensor, mask: Tensor) -> Tensor
     return (kl * mask).sum() / mask.sum().clamp(min=1)
 
 
-class MENDModule(EditorCheckpointMixin, LightningModule):
+class MENDModule(HypernetModule):
     """Trains a MEND editor for one base model; see the module docstring for the objective."""
 
     editor_name = "mend"
     artifact_prefix = "mend."
+    Hparams = MENDHparams
+    Editor = MEND
 
     def __init__(self, model: str = "smollm2-135m", editor: MENDHparams | None = None,
                  dtype: str = "float32") -> None:
@@ -54,51 +52,16 @@ class MENDModule(EditorCheckpointMixin, LightningModule):
             editor: MEND hyperparameters (edited layers, hypernetwork rank, learning rates, loss weights).
             dtype: Dtype of the frozen base model (float32, bfloat16).
         """
-        super().__init__()
-        if isinstance(editor, dict):  # from a checkpoint's hparams
-            editor = MENDHparams(**editor)
-        self.cfg = editor or MENDHparams()
-        self.save_hyperparameters({"model": model, "editor": self.cfg.as_dict(), "dtype": dtype})
-        self.base, self.tokenizer = load_base(model, dtype)
-        self.base.requires_grad_(False).eval()
-        self.arch = arch_of(self.base)
-        self.seq2seq = self.arch.encoder_decoder
+        super().__init__(model, editor, dtype)
         names = edited_weights(self.base, self.cfg)
         self.mend = MENDNet(self.cfg, weight_dims(self.base, names))
-        self._identity: dict[str, Any] | None = None
         self.metrics = torch.nn.ModuleDict({
             k: MeanMetric() for k in ("edit_success", "paraphrase_success", "locality", "edit_nll", "loc_kl")
         })
 
-    # keep the frozen base in eval mode (no dropout) whatever Lightning asks
-    def train(self, mode: bool = True):
-        super().train(mode)
-        self.base.eval()
-        return self
-
-    # -- checkpoint content (EditorCheckpointMixin)
-    def editor_hparams(self) -> dict[str, Any]:
-        return self.cfg.as_dict()
-
-    def base_identity(self) -> dict[str, Any]:
-        if self._identity is None:
-            from kedit.checkpoint import base_model_identity
-
-            self._identity = base_model_identity(self.base)
-            params = dict(self.base.named_parameters())
-            self._identity["shapes"] = {n: list(params[n].shape) for n in self.mend.names}
-        return self._identity
-
-    def artifact_extra(self) -> dict[str, Any]:
-        return {**self.as_editor().artifact_state()[1], "model": self.hparams["model"]}
-
-    def as_editor(self) -> MEND:
-        """The current hypernetwork as a :class:`MEND` editor (shares its weights)."""
-        return MEND(self.cfg, net=self.mend, base=self.base_identity())
-
-    def export_editor(self, path: str | Path) -> Path:
-        """Write the trained MEND as a ``kedit.load_editor`` artifact (:meth:`MEND.save`)."""
-        return self.as_editor().save(path, extra={"model": self.hparams["model"]})
+    @property
+    def net(self) -> MENDNet:
+        return self.mend
 
     # -- optimization
     def configure_optimizers(self):
@@ -107,14 +70,6 @@ class MENDModule(EditorCheckpointMixin, LightningModule):
         rest = [p for p in self.mend.parameters() if id(p) not in ids]
         return torch.optim.Adam([{"params": rest, "lr": self.cfg.lr, "name": "hypernetwork"},
                                  {"params": alphas, "lr": self.cfg.lr_lr, "name": "alpha"}])
-
-    def _encode(self, prompts: list[str], targets: list[str]) -> dict[str, Tensor]:
-        return encode(self.tokenizer, prompts, targets, seq2seq=self.seq2seq, device=self.device)
-
-    def _forward(self, params: dict[str, Tensor] | None, batch: dict[str, Tensor]):
-        if params is None:
-            return self.base(**model_inputs(batch)).logits
-        return torch.func.functional_call(self.base, params, (), model_inputs(batch)).logits
 
     def _loc_mask(self, loc: dict[str, Tensor]) -> Tensor:
         from kedit.editors.mend import token_mask
@@ -173,15 +128,9 @@ class MENDModule(EditorCheckpointMixin, LightningModule):
             out["locality"] = torch.stack(locs)
         return out
 
-    def on_train_start(self) -> None:
-        self._t0, self._step0 = time.perf_counter(), self.global_step
-
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         out = self._step(batch, evaluate=False)
-        steps = self.global_step - getattr(self, "_step0", 0) + 1
-        elapsed = time.perf_counter() - getattr(self, "_t0", time.perf_counter())
-        self.log("perf/steps_per_s", steps / max(elapsed, 1e-9), batch_size=1)
-        self.log("perf/peak_mem_mb", peak_memory_mb(self.device), batch_size=1)
+        self.log_speed()
         n = len(batch["prompt"])
         self.log("train/loss", out["loss"], batch_size=n, prog_bar=True)
         self.log("train/edit_nll", out["edit_nll"], batch_size=n, prog_bar=True)
@@ -199,8 +148,3 @@ class MENDModule(EditorCheckpointMixin, LightningModule):
             self.metrics[key].update(out[key])
         self.metrics["edit_nll"].update(out["edit_nll"], weight=len(batch["prompt"]))
         self.metrics["loc_kl"].update(out["loc_kl"], weight=len(batch["prompt"]))
-
-    def on_validation_epoch_end(self) -> None:
-        for key, metric in self.metrics.items():  # torchmetrics reduce across DDP ranks
-            self.log(f"val/{key}", metric.compute(), prog_bar=key in ("edit_success", "locality"))
-            metric.reset()
