@@ -3,6 +3,9 @@
 * ``on_files``: the benchmark notes and results (``bench/README.md``, ``bench/results/*``) become
   part of the site at their repository paths, so pages link to ``../bench/results/rome_single.md``
   and the strict build checks those links, without a copy of the results in ``docs/``.
+* ``on_page_content``: kedit's docstrings cite objects with Sphinx roles (``:func:`x```), which
+  mkdocstrings' Google style prints verbatim; the role is dropped and ``~a.b.C`` shown as ``C``,
+  as Sphinx would.
 * ``on_env``: README sections are included into several pages (pymdownx.snippets), and their
   in-README links (``#where-data-lives``) point at a heading that now lives on another page.
   Such a link is pointed at the page that has the heading; anchors found on no page still fail
@@ -11,6 +14,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from mkdocs.structure.files import File, Files
@@ -26,6 +30,13 @@ def on_files(files: Files, config) -> Files:
                 files.append(File(path.relative_to(ROOT).as_posix(), src_dir=str(ROOT),
                                   dest_dir=config["site_dir"], use_directory_urls=config["use_directory_urls"]))
     return files
+
+
+SPHINX_ROLE = re.compile(r":(?:func|class|meth|mod|data|attr|exc|obj|const):(<code>)(?:~[\w.]*\.)?")
+
+
+def on_page_content(html: str, page, config, files) -> str:
+    return SPHINX_ROLE.sub(r"\1", html)
 
 
 def on_env(env, config, files: Files):
