@@ -18,8 +18,11 @@
 # `checkpoints/`. Each score is reported before and after the edit, and the generation-based
 # scores sit beside the teacher-forced ones.
 #
-# **Runtime:** about 4 minutes on 2 CPU cores (4 records; the wall time of this build is
-# printed at the end). For numbers that mean something, run the same on 100 records or more:
+# **Runtime:** 19 minutes measured with 4 records on one thread of a shared 2-core machine
+# under load, where a ROME edit runs about 3.5× slower than on 2 idle cores; this page uses 3
+# records, so expect about 4 minutes on 2 idle cores (the last cell prints this build's time).
+# Most of it is the evaluation: every record has 10 neighbourhood prompts, each scored and
+# decoded before and after. For numbers that mean something, run the same on 100 records or more:
 # `python -m kedit.evaluate --editor rome --config auto --data counterfact:dev --limit 100`,
 # and see the [benchmarks](../../benchmarks/).
 
@@ -53,7 +56,7 @@ ROOT = next(p for p in (Path.cwd(), *Path.cwd().parents) if (p / "checkpoints").
 
 # %%
 model, tok = kedit.load_model("smollm2-135m")
-requests = load_requests("counterfact-sample", limit=4)
+requests = load_requests("counterfact-sample", limit=3)
 r = requests[0]
 print(f"{r.prompt!r}: {r.target_true!r} -> {r.target_new!r}")
 print("paraphrase:", r.paraphrase_prompts[0])
@@ -133,7 +136,7 @@ fig.tight_layout()
 plt.show()
 
 # %% [markdown]
-# What to read in it, on four records (so only the large differences): FT-M reaches its
+# What to read in it, on three records (so only the large differences): FT-M reaches its
 # targets but moves neighbours; ROME and MEMIT edit and keep most neighbours; MEND edits but
 # moves neighbours that share the edit's relation (its known weakness on CounterFact); SERAC
 # changes no weight, so neighbours it does not route stay exactly as they were. The
