@@ -18,9 +18,9 @@
 # `checkpoints/`. Each score is reported before and after the edit, and the generation-based
 # scores sit beside the teacher-forced ones.
 #
-# **Runtime:** 19 minutes measured with 4 records on one thread of a shared 2-core machine
-# under load, where a ROME edit runs about 3.5× slower than on 2 idle cores; this page uses 3
-# records, so expect about 4 minutes on 2 idle cores (the last cell prints this build's time).
+# **Runtime:** 13 minutes measured (780 s, in a `make docs` build with one thread on a shared
+# 2-core machine under load, where a ROME edit runs about 3.5× slower than on 2 idle cores):
+# expect about 4 minutes on 2 idle cores (the last cell prints this build's time).
 # Most of it is the evaluation: every record has 10 neighbourhood prompts, each scored and
 # decoded before and after. For numbers that mean something, run the same on 100 records or more:
 # `python -m kedit.evaluate --editor rome --config auto --data counterfact:dev --limit 100`,

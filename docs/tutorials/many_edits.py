@@ -18,8 +18,8 @@
 # with AlphaEdit (MEMIT's update projected away from the keys of preserved knowledge), and
 # reads the retention and perplexity curves that the sequential mode records.
 #
-# **Runtime:** 12.5 minutes measured (the last cell prints this build's) on one thread of a
-# shared 2-core machine under load, where a ROME edit runs about 3.5× slower than on 2 idle
+# **Runtime:** 8 minutes measured (476 s, in a `make docs` build; the last cell prints this
+# build's) on one thread of a shared 2-core machine under load, where a ROME edit runs about 3.5× slower than on 2 idle
 # cores: expect about 4 minutes there. 3 records; each request's value optimization (MEMIT's
 # δ, about 10 s on one idle thread) is most of it. The curves below are far too short to rank the methods: the
 # [benchmarks](../../editors/alphaedit/) run 500 edits, where MEMIT's perplexity rises +61%
