@@ -14,7 +14,7 @@ DEV_DATA := $(abspath $(wildcard ../shared/data))
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 APP_ARGS ?=
 
-.PHONY: setup setup-dev demo test test-all bench app browser installed
+.PHONY: setup setup-dev demo test test-all bench app browser installed docs
 # Set-up runs pip once: a stamp (per interpreter) remembers it until pyproject.toml or this file
 # changes, or kedit no longer imports from this checkout; `make demo` then starts at once.
 STAMP = .setup-$(subst /,_,$(PY))
@@ -24,7 +24,7 @@ setup: installed $(STAMP)
 
 installed:
 	@$(PY) -I -c "import kedit, pathlib, sys; sys.exit(pathlib.Path(kedit.__file__).resolve().parents[1] != pathlib.Path.cwd().resolve())" \
-		2>/dev/null || rm -f $(STAMP) $(STAMP)-dev
+		2>/dev/null || rm -f $(STAMP) $(STAMP)-dev $(STAMP)-docs
 
 $(STAMP): pyproject.toml Makefile
 	@# keep an installed torch (e.g. CUDA on a GPU box); otherwise take the local CPU wheel
@@ -64,3 +64,13 @@ test: setup-dev
 test-all: export KEDIT_DATA ?= $(DEV_DATA)
 test-all: setup-dev
 	$(PY) -m pytest -q -m "slow or not slow"
+
+# The documentation site into site/ (mkdocs.yml): the README's sections, one page per editor, the API
+# reference from the docstrings, and the tutorials (docs/tutorials/*.py) executed on the default model.
+# Strict: a broken link, anchor, reference or a failing tutorial cell fails the build.
+docs: setup $(STAMP)-docs
+	$(PY) -m mkdocs build --strict
+
+$(STAMP)-docs: $(STAMP)
+	$(PIP) -e ".[docs]"
+	@touch $@

@@ -57,10 +57,11 @@ def trace(
 
     Args:
         names: module names as in ``model.named_modules()``.
-        inputs / outputs: whether to record the module's first positional input / its output
-            (the first element when it is a tuple).
-        edit_input / edit_output: ``fn(name, tensor) -> tensor`` replacing the first input /
-            output. The recorded value is the replaced one.
+        inputs: whether to record the module's first positional input.
+        outputs: whether to record the module's output (the first element when it is a tuple).
+        edit_input: ``fn(name, tensor) -> tensor`` replacing the first input. The recorded
+            value is the replaced one.
+        edit_output: the same for the output.
         stop: a module after which the forward pass is aborted by raising
             :class:`StopForward` (its output is still recorded), so no compute is spent on
             the layers above it. Call the model through :func:`run_until`, which catches it.
