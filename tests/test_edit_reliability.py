@@ -22,11 +22,13 @@ from kedit.editors.base import (
     EditFileError,
     Editor,
     EditStack,
+    EditStateError,
     InvalidEditError,
     WeightDelta,
     base_identity,
     tensor_hash,
 )
+from kedit.editors.locate import unapplied
 from kedit.editors.mend import MEND, MENDHparams, MENDNet, edited_weights
 from kedit.models.arch import arch_of
 from kedit.testing import tiny_model
@@ -135,6 +137,105 @@ def test_failed_push_leaves_the_bad_edit_out_of_the_stack():
         assert len(stack.edits) == 1
         assert_untouched(model, edited)
     assert_untouched(model, snap)
+
+
+def delta_on(model, blocks=(0, 1), scale: float = 1e-2) -> WeightDelta:
+    """A random low-rank edit of the MLP output projections of ``blocks``, made on the model as it is."""
+    arch = arch_of(model)
+    params = dict(model.named_parameters())
+    names = [arch.mlp_out_weight(b) for b in blocks]
+    factors = {n: (scale * torch.randn(params[n].shape[0], 2), torch.randn(params[n].shape[1], 2)) for n in names}
+    return WeightDelta(factors=factors, base=base_identity(model, names))
+
+
+def test_a_long_stack_holds_one_copy_per_weight_and_restores_bit_exactly():
+    torch.manual_seed(0)
+    model, _ = tiny_model("llama")
+    snap = snapshot(model)
+    arch = arch_of(model)
+    touched = {arch.mlp_out_weight(b) for b in (0, 1, 2)}
+    one_copy = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if n in touched)
+    stack = EditStack([delta_on(model)])
+    stack.apply(model)
+    states = [snapshot(model)]
+    for i in range(200):
+        stack.push(delta_on(model, blocks=(i % 3, (i + 1) % 3)), model)
+        states.append(snapshot(model))
+    assert stack._originals.nbytes == one_copy  # not 201 copies
+    assert not any(e.saved for e in stack.edits)
+    with pytest.raises(EditStateError, match="last first"):
+        stack.edits[0].restore(model)
+    assert_untouched(model, states[-1])
+    while len(stack.edits) > 100:  # undo the last edits one at a time: each leaves the state before it
+        states.pop()
+        assert not stack.pop(model).is_applied
+        assert_untouched(model, states[-1])
+    stack.restore(model)  # the other 100 at once
+    assert_untouched(model, snap)
+    stack.apply(model)
+    assert_untouched(model, states[-1])
+    stack.restore(model)
+    assert_untouched(model, snap)
+    assert stack._originals.nbytes == 0 and not any(e.is_applied for e in stack.edits)
+
+
+def test_unapplied_gives_the_model_before_the_stack_and_adds_it_back_bit_exactly():
+    torch.manual_seed(0)
+    model, _ = tiny_model("llama")
+    snap = snapshot(model)
+    stack = EditStack()
+    for i in range(5):
+        edit = delta_on(model, blocks=(i % 2, 2))
+        if stack.is_applied:
+            stack.push(edit, model)
+        else:
+            stack.push(edit)
+            stack.apply(model)
+    edited = snapshot(model)
+    with unapplied(model, stack.edits):  # the whole stack: its one copy of the weights
+        assert_untouched(model, snap)
+    assert_untouched(model, edited)
+    with pytest.raises(EditStateError, match="last first"), unapplied(model, stack.edits[:3]):
+        pass  # the first three while the last two stay: not the model before anything, refused
+    assert_untouched(model, edited)
+    stack.restore(model)
+    alone = [delta_on(model, blocks=(0,))]  # edits applied on their own keep their own copies
+    alone[0].apply(model)
+    alone.append(delta_on(model, blocks=(0, 1)))
+    alone[1].apply(model)
+    edited = snapshot(model)
+    with unapplied(model, alone):
+        assert_untouched(model, snap)
+    assert_untouched(model, edited)
+    alone[1].restore(model)
+    alone[0].restore(model)
+    stack.restore(model)
+    assert_untouched(model, snap)
+
+
+def test_interrupt_during_a_push_leaves_the_stack_as_it_was(monkeypatch):
+    torch.manual_seed(0)
+    model, _ = tiny_model("llama")
+    stack = EditStack([delta_on(model, blocks=(2,))])
+    stack.apply(model)
+    edited = snapshot(model)
+    edit = delta_on(model)
+    second = edit.names[1]
+    delta = WeightDelta.delta
+
+    def interrupted(self, name):
+        if name == second:
+            raise KeyboardInterrupt
+        return delta(self, name)
+
+    monkeypatch.setattr(WeightDelta, "delta", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        stack.push(edit, model)
+    monkeypatch.undo()
+    assert not edit.is_applied and len(stack.edits) == 1
+    assert_untouched(model, edited)
+    stack.restore(model)
+    assert stack._originals.nbytes == 0
 
 
 # --------------------------------------------------------------------------- 6. validated files

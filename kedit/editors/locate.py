@@ -354,13 +354,20 @@ def unapplied(model: nn.Module, history: Sequence[Edit]) -> Iterator[nn.Module]:
     first) for the block and applied again after it, bit-identically (the same additions on the
     same weights). Edits of other kinds (SERAC's memory) change no weights and stay."""
     edits = [e for e in history if isinstance(e, WeightDelta) and e.is_applied]
+    stores = [e.originals for e in edits]
+    whole = stores and stores[0] is not None and len(stores[0].applied) == len(edits) \
+        and all(a is b for a, b in zip(stores[0].applied, edits))
+    if whole:  # all of one stack's weight edits: copy its originals, add them back after
+        with stores[0].suspended(dict(model.named_parameters())):
+            yield model
+        return
     for edit in reversed(edits):
         edit.restore(model)
     try:
         yield model
     finally:
-        for edit in edits:
-            edit.apply(model, check=False)
+        for edit, store in zip(edits, stores):
+            edit.apply(model, check=False, originals=store)
 
 
 def progress(items: list, desc: str, unit: str) -> Any:
