@@ -4,6 +4,7 @@ real edit of SmolLM2-135M ("The capital of France is" -> " Rome") under greedy d
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 
 import pytest
@@ -78,63 +79,56 @@ def test_finished_requests_leave_the_batch(tiny, family):
     torch.testing.assert_close(torch.tensor(both.nll), torch.tensor([a.nll[0] for a in alone]), rtol=1e-3, atol=1e-5)
 
 
-def test_argmax_stop(tiny, monkeypatch):
-    """ENCORE's most-probable early stopping: the optimization stops at the first step where the
-    target is the argmax at every target token of every template, with the δ of that many steps."""
+def stop_setup(tiny, monkeypatch, record, **hparams):
+    """One request of the tiny llama, its templates and edited module, the value hyperparameters
+    (``hparams`` over a plain, short optimization), and ``target_logprobs`` spied on with ``record``
+    (called with its output at every step)."""
     import kedit.editors.values as values
 
     model, tok = tiny("llama")
-    hp = dataclasses.replace(contract_editor("rome", model, tok).hparams, v_steps=30, v_stop_nll=0.0,
-                             v_stop_argmax=True, edit_aware=False, prefix_cache=True, kl_factor=0.0625)
+    hp = dataclasses.replace(contract_editor("rome", model, tok).hparams, v_stop_nll=0.0, edit_aware=False,
+                             prefix_cache=True, kl_factor=0.0625, **hparams)
     # the subject ends the prompt: δ acts on the predicting position, so a tiny random model can reach the argmax
     reqs = locate_requests([{"prompt": "The capital of France", "subject": "France", "target_new": "Rome"}])
     templates = context_templates(model, tok, [(4, 3)], seed=0)
-    module = arch_of(model).mlp_out_module(0)
-    seen = []
     real = values.target_logprobs
 
     def spy(logits, labels):
         out = real(logits, labels)
-        seen.append(bool((out[1] == out[2]).all()))
+        record(out)
         return out
 
     monkeypatch.setattr(values, "target_logprobs", spy)
-    vals = optimize_values(model, tok, reqs, templates, module, hp)
+    return functools.partial(optimize_values, model, tok, reqs, templates, arch_of(model).mlp_out_module(0)), hp
+
+
+def test_argmax_stop(tiny, monkeypatch):
+    """ENCORE's most-probable early stopping: the optimization stops at the first step where the
+    target is the argmax at every target token of every template, with the δ of that many steps."""
+    seen = []
+    optimize, hp = stop_setup(tiny, monkeypatch, lambda out: seen.append(bool((out[1] == out[2]).all())),
+                              v_steps=30, v_stop_argmax=True)
+    vals = optimize(hp)
     assert 0 < vals.steps[0] < hp.v_steps
     assert len(seen) == vals.steps[0] + 1 and seen[-1] and not any(seen[:-1])
-    fixed = optimize_values(model, tok, reqs, templates, module,
-                            dataclasses.replace(hp, v_stop_argmax=False, v_steps=vals.steps[0]))
+    fixed = optimize(dataclasses.replace(hp, v_stop_argmax=False, v_steps=vals.steps[0]))
     torch.testing.assert_close(vals.delta, fixed.delta)
 
 
 def test_probability_stop(tiny, monkeypatch):
     """``v_stop_prob``: the optimization stops at the first step where the target's per-token
     probability is at least p on every template, with the δ of that many steps."""
-    import kedit.editors.values as values
-
-    model, tok = tiny("llama")
-    hp = dataclasses.replace(contract_editor("rome", model, tok).hparams, v_steps=10, v_stop_nll=0.0,
-                             v_stop_argmax=False, edit_aware=False, prefix_cache=True, kl_factor=0.0625, v_lr=0.5)
-    reqs = locate_requests([{"prompt": "The capital of France", "subject": "France", "target_new": "Rome"}])
-    templates = context_templates(model, tok, [(4, 3)], seed=0)
-    module = arch_of(model).mlp_out_module(0)
     least = []
-    real = values.target_logprobs
-
-    def spy(logits, labels):
-        out = real(logits, labels)
-        least.append(float(torch.exp(out[0].detach() / out[2]).min()))
-        return out
-
-    monkeypatch.setattr(values, "target_logprobs", spy)
-    optimize_values(model, tok, reqs, templates, module, hp)  # the least probability, step by step
+    optimize, hp = stop_setup(tiny, monkeypatch, lambda out: least.append(float(torch.exp(out[0].detach() / out[2]).min())),
+                              v_steps=10, v_stop_argmax=False, v_lr=0.5)
+    optimize(hp)  # the least probability, step by step
     curve = list(least)
     k = next(k for k in range(1, len(curve)) if curve[k] > max(curve[:k]))  # the first new high
     p = (curve[k] + max(curve[:k])) / 2
     least.clear()
-    vals = optimize_values(model, tok, reqs, templates, module, dataclasses.replace(hp, v_stop_prob=p))
+    vals = optimize(dataclasses.replace(hp, v_stop_prob=p))
     assert vals.steps[0] == k and len(least) == k + 1
-    fixed = optimize_values(model, tok, reqs, templates, module, dataclasses.replace(hp, v_steps=k))
+    fixed = optimize(dataclasses.replace(hp, v_steps=k))
     torch.testing.assert_close(vals.delta, fixed.delta)
 
 

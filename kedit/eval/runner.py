@@ -228,6 +228,7 @@ class _Run:
         stack = EditStack()
         refs = self.scorer.refs(self.reqs) if self.cfg.curve_full else None  # on the unedited model
         self._curve_point(0, min(points), refs)
+        seen: list[dict[str, float]] = []
         try:
             for chunk in chunks(range(n), step):
                 edit = self._edit(chunk, history=stack)
@@ -237,12 +238,12 @@ class _Run:
                     stack.push(edit)
                     stack.apply(self.model)
                 if chunk[-1] + 1 in points:
-                    ppl_post = self._curve_point(chunk[-1] + 1, min(points), refs)  # the last one is at n
+                    ppl_post, seen = self._curve_point(chunk[-1] + 1, min(points), refs)  # the last one is at n
         finally:
             stack.restore(self.model)
         self._check("after restoring the sequential edit stack")
         # the last curve point scored every request on the whole stack, as the final scoring does
-        last = self.last_seen if refs is not None and self.cfg.curve_generation and len(self.last_seen) >= n else None
+        last = seen if refs is not None and self.cfg.curve_generation and len(seen) >= n else None
         for group in chunks(range(n), self.cfg.eval_group):
             pre, refs = self._pre(group)
             if last is not None:
@@ -287,15 +288,15 @@ class _Run:
         self._check(f"after restoring the edit of request(s) {edited[0]}..{edited[-1]}")
         return post, ppl
 
-    def _curve_point(self, n_edits: int, first_k: int, refs: list[Ref] | None = None) -> tuple[float, int]:
+    def _curve_point(self, n_edits: int, first_k: int,
+                     refs: list[Ref] | None = None) -> tuple[tuple[float, int], list[dict[str, float]]]:
         """Rewrite scores (with pre-edit ``refs``, all scores) of the requests edited so far and of
         the first ``first_k``, the perplexity and the mean edit time so far, on the model as it is
-        now; returns the perplexity's (NLL, tokens)."""
+        now; returns the perplexity's (NLL, tokens) and the scores of the requests scored."""
         gen = self.cfg.curve_generation and self.cfg.generation
         count = max(n_edits, first_k)
         seen, _ = self.scorer.score(self.reqs[:count], None if refs is None else refs[:count], light=refs is None,
                                     generation=gen)
-        self.last_seen = seen
         point: dict[str, Any] = {"n_edits": n_edits}
         rewrite = ("rewrite/es", "rewrite/acc", "rewrite/gen")
         for key in rewrite + (() if refs is None else CURVE_FULL):
@@ -312,7 +313,7 @@ class _Run:
             self.on_curve(point)
         if n_edits:
             log.info("sequential: %d edits: %s", n_edits, point)
-        return ppl
+        return ppl, seen
 
     def _done(self, i: int, pre: dict[str, float], post: dict[str, float], ppl_post: tuple[float, int]) -> None:
         pre["general/ppl"] = M.perplexity(*self.ppl_pre)
