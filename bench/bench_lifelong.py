@@ -3,11 +3,12 @@
     export KEDIT_DATA=/work/shared/data OMP_NUM_THREADS=1
     python bench/bench_lifelong.py --editor memit alphaedit grace wise ultraedit --config auto
     python bench/bench_lifelong.py --editor memit alphaedit --config auto --hparams '{"norm_anchor": true}' --tag nas
+    python bench/bench_lifelong.py --editor ultraedit --per-edit 100 --tag turns100   # the paper's turns of 100
     python bench/bench_lifelong.py --compare          # the comparison table of the runs saved so far
 
 Requests: ``zsre:dev`` (zsre_dev_mend) then ``zsre:train`` (zsre_train_mend), invalid records
 skipped (and counted), the first ``--n``. ``kedit.eval.evaluate`` in sequential mode, one request
-per edit, each edit computed on the model edited by all the ones before (``history``). At each
+per edit (``--per-edit``), each edit computed on the model edited by all the ones before (``history``). At each
 curve point (``--curve-at``, default 10, 100, 500, 1,000 edits; :class:`EvalConfig` ``curve_at``,
 ``curve_full``), for the requests edited so far:
 
@@ -82,13 +83,16 @@ def run(args, model, tok, editor_name: str, reqs: list, report: dict, pre=None):
         partial.write_text(json.dumps({"args": vars(args), "curve": curve}, indent=1, default=str))
 
     t0 = time.perf_counter()
-    res = evaluate(model, tok, editor, reqs, mode="sequential", config=cfg, on_curve=save_point, reuse_pre=pre)
+    res = evaluate(model, tok, editor, reqs, mode="sequential", batch_size=args.per_edit, config=cfg,
+                   on_curve=save_point, reuse_pre=pre)
     wall = time.perf_counter() - t0
     payload = {"args": vars(args), "editor": editor_name, "data": report, "run_wall_seconds": wall,
                "results": res.to_dict()}
     (args.out / f"{name}.json").write_text(json.dumps(payload, indent=1, default=str))
     skipped = sum(r["skipped"] for r in report.values())
-    title = f"{editor_name}{' (' + args.tag + ')' if args.tag else ''}: {len(reqs)} sequential zsRE edits, {args.model}"
+    per = f", {args.per_edit} requests per edit" if args.per_edit > 1 else ""
+    title = (f"{editor_name}{' (' + args.tag + ')' if args.tag else ''}: {len(reqs)} sequential zsRE edits{per}, "
+             f"{args.model}")
     md = res.to_markdown(title=title) + (f"\ndata: {json.dumps(report)} ({skipped} invalid records skipped); "
                                          f"run wall time {wall:.0f} s; config {args.config}; "
                                          f"hparams overrides {args.hparams}\n")
@@ -149,6 +153,8 @@ def main() -> None:
     p.add_argument("--tag", default="", help="suffix of the result files (runs with other --hparams)")
     p.add_argument("--n", type=int, default=1000, help="edits (valid records of zsre:dev, then zsre:train)")
     p.add_argument("--curve-at", type=int, nargs="+", default=[10, 100, 500, 1000])
+    p.add_argument("--per-edit", type=int, default=1, help="requests per edit (UltraEdit's paper: 100 per turn); "
+                                                          "curve points must be multiples of it")
     p.add_argument("--out", type=Path, default=OUT)
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--threads", type=int, default=1)
