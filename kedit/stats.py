@@ -297,6 +297,10 @@ def _measure(model, tokenizer, layers: list[int], corpus: Corpus, n_tokens: int,
                 run_until(model, input_ids=ids, attention_mask=mask, use_cache=False)
             keep = mask.bool()
             for layer, name in names.items():
+                if rec[name].input.shape[:2] != keep.shape:
+                    raise ValueError(f"the input of {name} has shape {tuple(rec[name].input.shape)}, not (batch, tokens, "
+                                     f"features) = {(*keep.shape, d_in[layer])}: kedit reads MLP inputs per token, and "
+                                     f"{type(model).__name__} reshapes its hidden states before the MLP")
                 k = rec[name].input[keep].to(torch.float64 if device.type == "cpu" else torch.float32)
                 acc[layer] += (k.T @ k).to(torch.float64)
             got = int(keep.sum())

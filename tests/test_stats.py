@@ -220,3 +220,21 @@ def test_packaged_corpus_gives_the_dev_corpus_statistics(smollm2, data_dir, tmp_
     dev = second_moments(model, tok, [5], data_dir / "corpus", **kw)[5]
     assert paths.stats_corpus() == str(paths.STATS_CORPUS)
     assert torch.equal(packaged, dev)
+
+
+def test_flattened_mlp_inputs_are_refused_naming_the_module(tiny, tmp_path, monkeypatch):
+    """A family whose blocks flatten (batch, tokens) before the MLP (OPT) gets an error that says so,
+    not an IndexError."""
+    import transformers as tf
+
+    from kedit.models.arch import ARCHS, Arch
+
+    _, tok = tiny("llama")
+    config = tf.OPTConfig(vocab_size=len(tok), hidden_size=16, ffn_dim=32, num_hidden_layers=2, num_attention_heads=2,
+                          max_position_embeddings=64, word_embed_proj_dim=16)
+    model = tf.OPTForCausalLM(config).eval()
+    monkeypatch.setitem(ARCHS, "opt", Arch(blocks="model.decoder.layers", mlp_in=("fc1",), mlp_out="fc2",
+                                           attn_out="self_attn.out_proj", embed="model.decoder.embed_tokens",
+                                           final_norm="model.decoder.final_layer_norm", lm_head="lm_head"))
+    with pytest.raises(ValueError, match=r"model\.decoder\.layers\.1\.fc2 has shape .*OPTForCausalLM reshapes"):
+        second_moments(model, tok, [1], CORPUS, n_tokens=64, seq_len=16, cache_dir=tmp_path)
