@@ -18,14 +18,16 @@
 # with AlphaEdit (MEMIT's update projected away from the keys of preserved knowledge), and
 # reads the retention and perplexity curves that the sequential mode records.
 #
-# **Runtime:** 8 minutes measured (476 s, in a `make docs` build; the last cell prints this
-# build's) on one thread of a shared 2-core machine under load, where a ROME edit runs about 3.5× slower than on 2 idle
-# cores: expect about 4 minutes there. 3 records; each request's value optimization (MEMIT's
-# δ, about 10 s on one idle thread) is most of it. The curves below are far too short to rank the methods: the
-# [benchmarks](../../editors/alphaedit/) run 500 edits, where MEMIT's perplexity rises +61%
-# and AlphaEdit's +27%.
+# **Runtime:** RUNTIME_TBD (the last cell prints this build's).
+# Three records, and of each only the first three of its ten neighbourhood prompts (scored once,
+# at the end); eleven value optimizations (MEMIT's δ, one per request and edit, about 10 s each
+# on one idle thread) are most of it. The curves below are far too short to rank the methods:
+# the benchmark runs 500 edits in sequence, where MEMIT's perplexity rises +61% and AlphaEdit's
+# +27% ([memit_alphaedit_sequential_500.md](../../bench/results/memit_alphaedit_sequential_500/);
+# [AlphaEdit's page](../../editors/alphaedit/)).
 
 # %%
+import dataclasses
 import logging
 import os
 import time
@@ -46,7 +48,9 @@ logging.basicConfig(level=logging.WARNING)
 started = time.perf_counter()
 
 model, tok = kedit.load_model("smollm2-135m")
-requests = load_requests("counterfact-sample", limit=3)
+# three records, each with the first three of its ten neighbourhood prompts (scored at the end)
+requests = [dataclasses.replace(r, neighborhood=r.neighborhood[:3])
+            for r in load_requests("counterfact-sample", limit=3)]
 memit = kedit.editor("memit", config="auto", model=model)
 alpha = kedit.editor("alphaedit", config="auto", model=model)
 print(memit.hparams.layers, "| AlphaEdit null-space threshold:", alpha.hparams.nullspace_threshold)

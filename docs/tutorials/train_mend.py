@@ -16,8 +16,9 @@
 # MEND (Mitchell et al., ICLR 2022) is a learned editor: a small hypernetwork, trained once,
 # turns the gradient of one edit example into a low-rank weight update. This page trains one
 # with `python -m kedit.train`, the LightningCLI that trained the shipped SmolLM2 editor, on
-# the tiny configuration (`configs/mend/tiny-llama.yaml`: a random two-layer LLaMA with a
-# 48k-parameter body, built in code), so that it runs in seconds on a CPU. It logs to W&B
+# the tiny configuration (`configs/mend/tiny-llama.yaml`: a random three-layer LLaMA of 48k
+# parameters, built in code; the hypernetwork edits the MLPs of its last two blocks), so that
+# it trains in seconds on a CPU. It logs to W&B
 # offline and to a CSV file, plots the learning curve, kills the run with SIGKILL and resumes
 # it from its checkpoint, exports the editor, loads it with `kedit.load_editor` and makes a
 # one-shot edit. The last section says what changes on a GPU, on all GPUs of a node and on
@@ -85,7 +86,8 @@ def train(*extra: str) -> subprocess.CompletedProcess:
     """Run ``python -m kedit.train fit`` in the run's folder; show its last log lines."""
     t0 = time.perf_counter()
     res = subprocess.run([*FIT, *extra], cwd=RUN, env=ENV, capture_output=True, text=True, timeout=600)
-    lines = [line for line in (res.stdout + res.stderr).splitlines() if line.strip()]
+    lines = [line for line in (res.stdout + res.stderr).splitlines()
+             if line.strip() and "site-packages" not in line]  # without the libraries' warnings
     print(f"exit code {res.returncode} after {time.perf_counter() - t0:.0f} s; last lines:")
     print("\n".join(lines[-4:]))
     return res
