@@ -19,8 +19,8 @@
 # scores sit beside the teacher-forced ones.
 #
 # **Runtime:** RUNTIME_TBD (the last cell prints this build's).
-# To keep it that short, the comparison is smoke-sized: three records, each with three of its
-# ten neighbourhood prompts (the edits, three per editor, then take most of the time).
+# To keep it that short, the comparison is smoke-sized: two records, each with three of its
+# ten neighbourhood prompts (the edits then take most of the time).
 # That shows the large differences only. The same editors on 100 CounterFact dev records each
 # are in `bench/results`: [ROME](../../bench/results/rome_single_llama/),
 # [MEMIT](../../bench/results/memit_batch_100/) (one batch), [FT-M](../../bench/results/ft/),
@@ -55,14 +55,14 @@ ROOT = next(p for p in (Path.cwd(), *Path.cwd().parents) if (p / "checkpoints").
 #
 # `counterfact-sample` ships with kedit: the first 48 records of the CounterFact dev subset.
 # Each has the prompt to edit, two paraphrases, ten neighbourhood prompts whose answers must not
-# change, and generation prompts. To keep this page short, we take three records and keep the
+# change, and generation prompts. To keep this page short, we take two records and keep the
 # first three of their ten neighbourhood prompts: every prompt is scored and decoded before and
 # after each editor's edits, and the neighbourhood was most of that work.
 
 # %%
 model, tok = kedit.load_model("smollm2-135m")
 requests = [dataclasses.replace(r, neighborhood=r.neighborhood[:3])
-            for r in load_requests("counterfact-sample", limit=3)]
+            for r in load_requests("counterfact-sample", limit=2)]
 r = requests[0]
 print(f"{r.prompt!r}: {r.target_true!r} -> {r.target_new!r}")
 print("paraphrase:", r.paraphrase_prompts[0])
@@ -142,7 +142,7 @@ fig.tight_layout()
 plt.show()
 
 # %% [markdown]
-# What to read in it, on three records (so only the large differences): FT-M reaches its
+# What to read in it, on two records (so only the large differences): FT-M reaches its
 # targets but moves neighbours; ROME and MEMIT edit and keep most neighbours; MEND edits but
 # moves neighbours that share the edit's relation (its known weakness on CounterFact); SERAC
 # changes no weight, so neighbours it does not route stay exactly as they were. The
