@@ -18,7 +18,9 @@
 # with AlphaEdit (MEMIT's update projected away from the keys of preserved knowledge), and
 # reads the retention and perplexity curves that the sequential mode records.
 #
-# **Runtime:** RUNTIME_TBD (the last cell prints this build's).
+# **Runtime:** 245-257 s measured in `make docs` builds with one thread on a shared 2-core machine
+# under load (load average 1.3-4, where a ROME edit takes about 1.8× as long as on 2 idle cores;
+# the last cell prints this build's).
 # Three records, and of each only the first three of its ten neighbourhood prompts (scored once,
 # at the end); eleven value optimizations (MEMIT's δ, one per request and edit, about 10 s each
 # on one idle thread) are most of it. The curves below are far too short to rank the methods:
