@@ -132,8 +132,8 @@ plt.show()
 # %% [markdown]
 # How to read them. The left panel: `seen:rewrite/es` is the share of the requests edited so
 # far whose new target beats the old one on the current model; if later edits overwrite earlier
-# ones it falls. `firstK:rewrite/acc` follows the first K requests only (K = 10, or all of
-# them when there are fewer): retention. The right
+# ones it falls. `firstK:rewrite/acc` follows the first K requests only, K being the number
+# edited at the first curve point (here `first1`: a point after every edit): retention. The right
 # panel: perplexity of held Wikipedia text, the damage done to everything else; it should stay
 # flat. On three edits both methods hold their edits and perplexity barely moves; the
 # difference shows over hundreds of edits, where AlphaEdit's projection slows the perplexity
