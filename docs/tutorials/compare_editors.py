@@ -18,8 +18,8 @@
 # `checkpoints/`. Each score is reported before and after the edit, and the generation-based
 # scores sit beside the teacher-forced ones.
 #
-# **Runtime:** 123 s measured in a `make docs` build with one thread on a shared 2-core machine
-# under load (load average 1.3-4, where a ROME edit takes about 1.8× as long as on 2 idle
+# **Runtime:** 111-123 s measured in `make docs` builds with one thread on a shared 2-core machine
+# under load (load average 1.3-4, where a ROME edit takes 1.5-1.9× as long as on 2 idle
 # cores; the last cell prints this build's). With three records and all ten neighbourhood prompts
 # it took 505 s under similar load.
 # To keep it that short, the comparison is smoke-sized: two records, each with three of its

@@ -19,7 +19,7 @@
 # reads the retention and perplexity curves that the sequential mode records.
 #
 # **Runtime:** 245-257 s measured in `make docs` builds with one thread on a shared 2-core machine
-# under load (load average 1.3-4, where a ROME edit takes about 1.8× as long as on 2 idle cores;
+# under load (load average 1.3-4, where a ROME edit takes 1.5-1.9× as long as on 2 idle cores;
 # the last cell prints this build's).
 # Three records, and of each only the first three of its ten neighbourhood prompts (scored once,
 # at the end); eleven value optimizations (MEMIT's δ, one per request and edit, about 10 s each
