@@ -550,6 +550,18 @@ def test_wandb_goes_online_after_wandb_login(tmp_path, monkeypatch, login):
     assert calls["config"]["editor"] == "boost" and calls["steps"] == [1] and calls["finished"]
 
 
+def test_compare_markdown_edit_seconds_per_request():
+    """A batch edit's seconds are shared by its requests: the comparison's per-request row divides them
+    (a run saved without ``edit_seconds_per_request`` falls back to the per-edit mean)."""
+    from kedit.eval.results import compare_markdown
+
+    summary = {"pre": {"rewrite/es": 0.0}, "post": {"rewrite/es": 1.0}}
+    batch = Results(summary=summary, meta={"edit_seconds_mean": 60.0, "edit_seconds_per_request": 20.0})
+    old = Results(summary=summary, meta={"edit_seconds_mean": 9.0})
+    row = next(line for line in compare_markdown({"batch": batch, "old": old}) if "edit seconds" in line)
+    assert row == "| edit seconds / request | | 20.00 | 9.00 |"
+
+
 # --------------------------------------------------------------------------- real model
 
 

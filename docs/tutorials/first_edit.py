@@ -17,9 +17,10 @@
 # after, undo the edit bit-exactly, save it to a file, load it again, and watch kedit refuse to
 # put it on a model it was not made for.
 #
-# **Runtime:** 42-50 s measured (the last cell prints this build's), with the model and its
-# statistics cached, on one thread of a shared 2-core machine under load, where the ROME edit
-# took 15 s against the 4.2 s it takes on 2 idle cores. The very first run on a machine also
+# **Runtime:** 19-23 s measured (the last cell prints this build's), with the model and its
+# statistics cached, in `make docs` builds with one thread on a shared 2-core machine under load
+# (load average 1.3-4), where the ROME edit took 6.5-7.9 s against the 4.2 s it takes on 2 idle
+# cores; 42-50 s in earlier, busier builds. The very first run on a machine also
 # dequantizes the model (about 45 s) and measures the layer's covariance statistics (about
 # 15 s); both are cached in `$KEDIT_CACHE`.
 #

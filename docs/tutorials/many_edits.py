@@ -18,14 +18,18 @@
 # with AlphaEdit (MEMIT's update projected away from the keys of preserved knowledge), and
 # reads the retention and perplexity curves that the sequential mode records.
 #
-# **Runtime:** 8 minutes measured (476 s, in a `make docs` build; the last cell prints this
-# build's) on one thread of a shared 2-core machine under load, where a ROME edit runs about 3.5× slower than on 2 idle
-# cores: expect about 4 minutes there. 3 records; each request's value optimization (MEMIT's
-# δ, about 10 s on one idle thread) is most of it. The curves below are far too short to rank the methods: the
-# [benchmarks](../../editors/alphaedit/) run 500 edits, where MEMIT's perplexity rises +61%
-# and AlphaEdit's +27%.
+# **Runtime:** 245-257 s measured in `make docs` builds with one thread on a shared 2-core machine
+# under load (load average 1.3-4, where a ROME edit takes 1.5-1.9× as long as on 2 idle cores;
+# the last cell prints this build's).
+# Three records, and of each only the first three of its ten neighbourhood prompts (scored once,
+# at the end); eleven value optimizations (MEMIT's δ, one per request and edit, about 10 s each
+# on one idle thread) are most of it. The curves below are far too short to rank the methods:
+# the benchmark runs 500 edits in sequence, where MEMIT's perplexity rises +61% and AlphaEdit's
+# +27% ([memit_alphaedit_sequential_500.md](../../bench/results/memit_alphaedit_sequential_500/);
+# [AlphaEdit's page](../../editors/alphaedit/)).
 
 # %%
+import dataclasses
 import logging
 import os
 import time
@@ -46,7 +50,9 @@ logging.basicConfig(level=logging.WARNING)
 started = time.perf_counter()
 
 model, tok = kedit.load_model("smollm2-135m")
-requests = load_requests("counterfact-sample", limit=3)
+# three records, each with the first three of its ten neighbourhood prompts (scored at the end)
+requests = [dataclasses.replace(r, neighborhood=r.neighborhood[:3])
+            for r in load_requests("counterfact-sample", limit=3)]
 memit = kedit.editor("memit", config="auto", model=model)
 alpha = kedit.editor("alphaedit", config="auto", model=model)
 print(memit.hparams.layers, "| AlphaEdit null-space threshold:", alpha.hparams.nullspace_threshold)
@@ -126,8 +132,8 @@ plt.show()
 # %% [markdown]
 # How to read them. The left panel: `seen:rewrite/es` is the share of the requests edited so
 # far whose new target beats the old one on the current model; if later edits overwrite earlier
-# ones it falls. `firstK:rewrite/acc` follows the first K requests only (K = 10, or all of
-# them when there are fewer): retention. The right
+# ones it falls. `firstK:rewrite/acc` follows the first K requests only, K being the number
+# edited at the first curve point (here `first1`: a point after every edit): retention. The right
 # panel: perplexity of held Wikipedia text, the damage done to everything else; it should stay
 # flat. On three edits both methods hold their edits and perplexity barely moves; the
 # difference shows over hundreds of edits, where AlphaEdit's projection slows the perplexity
