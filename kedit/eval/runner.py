@@ -226,7 +226,8 @@ class _Run:
         n = len(self.reqs)
         points = _curve_checkpoints(n, step, self.cfg.curve_every, self.cfg.curve_at)
         stack = EditStack()
-        refs = self.scorer.refs(self.reqs) if self.cfg.curve_full else None  # on the unedited model
+        # with full curves: every request's pre-edit scores and references now, on the unedited model, in one pass
+        pre_all, refs = self._pre(list(range(n))) if self.cfg.curve_full else (None, None)
         self._curve_point(0, min(points), refs)
         seen: list[dict[str, float]] = []
         try:
@@ -245,12 +246,15 @@ class _Run:
         # the last curve point scored every request on the whole stack, as the final scoring does
         last = seen if refs is not None and self.cfg.curve_generation and len(seen) >= n else None
         for group in chunks(range(n), self.cfg.eval_group):
-            pre, refs = self._pre(group)
+            if pre_all is not None:
+                pre, group_refs = [pre_all[i] for i in group], [refs[i] for i in group]
+            else:
+                pre, group_refs = self._pre(group)
             if last is not None:
                 post = [last[i] for i in group]
             else:
                 with stack.applied(self.model):
-                    post, _ = self.scorer.score([self.reqs[i] for i in group], refs)
+                    post, _ = self.scorer.score([self.reqs[i] for i in group], group_refs)
                 self._check(f"after restoring the stack (final scoring of requests {group[0]}..{group[-1]})")
             for i, a, b in zip(group, pre, post):
                 self._done(i, a, b, ppl_post)
