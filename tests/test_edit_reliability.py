@@ -107,19 +107,23 @@ def test_applied_restores_when_second_tensor_has_transposed_shape(tmp_path):
         assert_untouched(model, snap)
 
 
+def interrupt_at(monkeypatch, name: str) -> None:
+    """Ctrl-C when any edit computes its delta of weight ``name``."""
+    delta = WeightDelta.delta
+
+    def interrupted(self, n):
+        if n == name:
+            raise KeyboardInterrupt
+        return delta(self, n)
+
+    monkeypatch.setattr(WeightDelta, "delta", interrupted)
+
+
 def test_interrupt_during_apply_restores_the_tensors_already_applied(monkeypatch):
     model, _ = tiny_model("llama")
     snap = snapshot(model)
     edit = two_tensor_delta(model)
-    second = edit.names[1]
-    delta = WeightDelta.delta
-
-    def interrupted(self, name):
-        if name == second:
-            raise KeyboardInterrupt
-        return delta(self, name)
-
-    monkeypatch.setattr(WeightDelta, "delta", interrupted)
+    interrupt_at(monkeypatch, edit.names[1])
     with pytest.raises(KeyboardInterrupt):
         edit.apply(model)
     assert not edit.is_applied
@@ -220,15 +224,7 @@ def test_interrupt_during_a_push_leaves_the_stack_as_it_was(monkeypatch):
     stack.apply(model)
     edited = snapshot(model)
     edit = delta_on(model)
-    second = edit.names[1]
-    delta = WeightDelta.delta
-
-    def interrupted(self, name):
-        if name == second:
-            raise KeyboardInterrupt
-        return delta(self, name)
-
-    monkeypatch.setattr(WeightDelta, "delta", interrupted)
+    interrupt_at(monkeypatch, edit.names[1])
     with pytest.raises(KeyboardInterrupt):
         stack.push(edit, model)
     monkeypatch.undo()

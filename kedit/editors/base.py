@@ -462,9 +462,14 @@ class Originals:
             self.values.clear()
 
     @torch.no_grad()
-    def restore_all(self, params: dict[str, Tensor]) -> None:
+    def write(self, params: dict[str, Tensor]) -> None:
+        """Put the original values back into every weight (the applied edits stay recorded)."""
         for name, w in self.values.items():
             params[name].copy_(w)
+
+    @torch.no_grad()
+    def restore_all(self, params: dict[str, Tensor]) -> None:
+        self.write(params)
         for edit in self.applied:
             edit.originals = None
         self.applied.clear()
@@ -473,9 +478,7 @@ class Originals:
     @contextmanager
     def suspended(self, params: dict[str, Tensor]) -> Iterator[None]:
         """The original weights for a block; the applied edits are added back after it."""
-        with torch.no_grad():
-            for name, w in self.values.items():
-                params[name].copy_(w)
+        self.write(params)
         try:
             yield
         finally:
