@@ -160,6 +160,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--generation", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--compare", action="store_true", help="only rebuild lifelong_compare_<n>.md from saved runs")
+    p.add_argument("--reuse-pre", default=None,
+                   help="a saved run's JSON (same --n): take its pre-edit scores instead of measuring them again")
     args = p.parse_args()
     args.config = None if args.config == "none" else args.config
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
@@ -172,7 +174,9 @@ def main() -> None:
         torch.set_num_threads(args.threads)
         model, tok = kedit.load_model(args.model)
         reqs, report = load_stream(args.n)
-        pre = None
+        from reuse import reused_pre
+
+        pre = reused_pre(args.reuse_pre, len(reqs))
         for name in args.editor:
             pre = run(args, model, tok, name, reqs, report, pre)
     path = compare(args.out, args.n)
