@@ -38,6 +38,7 @@ PAPER = {
     "rome": dict(templates=[(5, 2)], v_steps=20, **TINY_STATS),
     "memit": dict(templates=[(5, 2)], v_steps=25, **TINY_STATS),
     "alphaedit": dict(templates=[(5, 2)], v_steps=25, nullspace_threshold=1e-1, **TINY_STATS),
+    "emmet": dict(templates=[(5, 2)], v_steps=25, **TINY_STATS),
     "lora": dict(num_steps=5, lr=1e-2, dropout=0.0),
     "ft-l": dict(num_steps=5, lr=1e-2, norm_constraint=1e-2, objective="target"),
     "ft-m": dict(num_steps=5, lr=1e-2, norm_constraint=None, objective="target"),
@@ -62,6 +63,7 @@ CONTRACT = {
     "memit": {**EDIT_AWARE, "mom2_update_weight": 100.0},
     # tiny models see few tokens: a relative threshold keeps a usable null space
     "alphaedit": {**EDIT_AWARE, "L2": 1.0, "nullspace_threshold": 1e-1},
+    "emmet": EDIT_AWARE,
 }
 
 

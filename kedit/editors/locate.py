@@ -230,8 +230,9 @@ def _out_cache(out):
 @torch.no_grad()
 def subject_keys(model: nn.Module, tokenizer, requests: Sequence[EditRequest], templates: Sequence[str],
                  layers: Sequence[int], z_layer: int | None = None, batch_size: int = 64,
-                 ) -> tuple[dict[int, Tensor], Tensor | None]:
-    """Keys at the subject's last token, averaged over templates: ``{layer: (n, d_in)}``.
+                 per_template: bool = False) -> tuple[dict[int, Tensor], Tensor | None]:
+    """Keys at the subject's last token, averaged over templates: ``{layer: (n, d_in)}``
+    (``per_template``: each template's own, ``{layer: (n, len(templates), d_in)}``).
 
     With ``z_layer``, also return the output of that block at the subject's last token of
     the bare prompt (template ``"{}"``, which must be ``templates[0]``): ``(n, d_model)``.
@@ -248,6 +249,7 @@ def subject_keys(model: nn.Module, tokenizer, requests: Sequence[EditRequest], t
     sums = {layer: None for layer in layers}
     z = None
     counts = torch.zeros(n, device=device)
+    per_row = {layer: [] for layer in layers} if per_template else None
     for b in range(0, len(rows), batch_size):
         chunk = rows[b:b + batch_size]
         idx = torch.tensor([subject_last_index(tokenizer, r.text, r.subject_end) for r in chunk], device=device)
@@ -262,6 +264,8 @@ def subject_keys(model: nn.Module, tokenizer, requests: Sequence[EditRequest], t
             if sums[layer] is None:
                 sums[layer] = torch.zeros(n, k.shape[-1], device=device)
             sums[layer].index_add_(0, req, k)
+            if per_row is not None:
+                per_row[layer].append(k)
         if z_name:
             h = rec[z_name].output[ar, idx].float()
             if z is None:
@@ -270,6 +274,8 @@ def subject_keys(model: nn.Module, tokenizer, requests: Sequence[EditRequest], t
             if bare.any():
                 z.index_copy_(0, req[bare], h[bare])
         counts.index_add_(0, req, torch.ones(len(chunk), device=device))
+    if per_row is not None:  # rows are request-major, every template of every request
+        return {layer: torch.cat(per_row[layer]).view(n, len(templates), -1) for layer in layers}, z
     return {layer: sums[layer] / counts[:, None] for layer in layers}, z
 
 

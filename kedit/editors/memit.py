@@ -63,6 +63,10 @@ class MEMITHparams(NormAnchorHparams, LocateHparams):
     mom2_update_weight: float | None = None
     """λ: weight of the preserved-key statistics C against the new keys (Eq. 14). None: 15000 · d_in / 16384,
     GPT-J's ratio (E[kᵀC⁻¹k] = d_in, so a fixed λ would realize far less of the update on narrower MLPs)."""
+    per_template_keys: bool = False
+    """Fit the update on each context template's key (one column per request and template, weighted 1/T so a
+    request counts once against C) instead of their mean (Eq. 18, the paper): the edit then holds on every
+    template's key, the bare prompt's included, as ROME's ``fit_templates``."""
 
 
 class MEMIT(LocateThenEdit):
@@ -160,9 +164,16 @@ class MEMIT(LocateThenEdit):
         layer's update is applied (``apply``) before the next layer's keys are read."""
         arch, updates = arch_of(model), {}
         for i, layer in enumerate(layers):
-            keys, z_cur = subject_keys(model, tokenizer, requests, templates, [layer], z_layer=layers[-1])
-            K = keys[layer].double().T  # (d_in, n), Eq. 18
+            per_template = self.hparams.per_template_keys
+            keys, z_cur = subject_keys(model, tokenizer, requests, templates, [layer], z_layer=layers[-1],
+                                       per_template=per_template)
             R = (z_target - z_cur.double()).T / (len(layers) - i)  # (d_out, n), Eq. 20
+            if per_template:  # columns (request, template), request-major; each weighted 1/√T in K and in R
+                n, T, d_in = keys[layer].shape
+                K = keys[layer].double().reshape(n * T, d_in).T / T ** 0.5
+                R = R.repeat_interleave(T, dim=1) / T ** 0.5
+            else:
+                K = keys[layer].double().T  # (d_in, n), Eq. 18
             left, right = self.solve(K, R, preserved[layer])
             name = arch.mlp_out_weight(layer)
             updates[name] = arch.low_rank_factors(left.float(), right.float())
@@ -180,6 +191,8 @@ class MEMIT(LocateThenEdit):
             raise ValueError(f"{self.name}: edit_aware=True needs exactly one layer, got {layers}")
         if self.hparams.norm_anchor:
             raise ValueError(f"{self.name}: norm_anchor (NAS) rescales the paper's value step; not with edit_aware=True")
+        if self.hparams.per_template_keys:
+            raise ValueError(f"{self.name}: per_template_keys fits the update's keys; edit_aware=True fixes them first")
         arch, layer = arch_of(model), layers[0]
         keys, _ = subject_keys(model, tokenizer, reqs, templates, [layer])
         K = keys[layer].double().T
