@@ -66,7 +66,8 @@ class MEMITHparams(NormAnchorHparams, LocateHparams):
     per_template_keys: bool = False
     """Fit the update on each context template's key (one column per request and template, weighted 1/T so a
     request counts once against C) instead of their mean (Eq. 18, the paper): the edit then holds on every
-    template's key, the bare prompt's included, as ROME's ``fit_templates``."""
+    template's key, the bare prompt's included, as ROME's ``fit_templates``. Not with ``edit_aware``; AlphaEdit
+    still stores its edits' mean keys for the history (``K_p``)."""
 
 
 class MEMIT(LocateThenEdit):
