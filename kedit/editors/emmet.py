@@ -74,8 +74,7 @@ class EMMET(MEMIT):
         """``ΔW = R D⁻¹ Kᵀ C⁻¹`` with ``D = KᵀC⁻¹K (+ emmet_lambda I)``, as ``(left, right)`` with
         ``ΔW = left @ rightᵀ``: ``left = R D⁻¹`` (d_out, n), ``right = C⁻¹K`` (d_in, n); float64."""
         hp = self.hparams
-        lam = 15000.0 * C.shape[0] / 16384 if hp.mom2_update_weight is None else hp.mom2_update_weight
-        A = lam * ridge(C, hp.cov_ridge)
+        A = self.prior_weight(C) * ridge(C, hp.cov_ridge)
         if hp.update_norm_lambda:
             A = A + hp.update_norm_lambda * torch.eye(A.shape[0], dtype=A.dtype, device=A.device)
         right = torch.linalg.solve(A, K)  # C⁻¹K; A is symmetric

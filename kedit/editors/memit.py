@@ -87,15 +87,17 @@ class MEMIT(LocateThenEdit):
         """Per layer, what the update preserves: ``C = E[kkᵀ]`` of the model before ``history``."""
         return self.second_moments(model, tokenizer, layers, history)
 
+    def prior_weight(self, C: Tensor) -> float:
+        """λ (``mom2_update_weight``); None: GPT-J's 15000 scaled to the MLP width ``d_in`` of ``C``."""
+        lam = self.hparams.mom2_update_weight
+        return 15000.0 * C.shape[0] / 16384 if lam is None else lam
+
     def solve(self, K: Tensor, R: Tensor, C: Tensor) -> tuple[Tensor, Tensor]:
         """Eq. 14: ``ΔW = R Kᵀ (λC + KKᵀ)⁻¹`` as ``(left, right)`` with ``ΔW = left @ rightᵀ``.
 
         ``K`` (d_in, n) keys, ``R`` (d_out, n) residuals, float64.
         """
-        lam = self.hparams.mom2_update_weight
-        if lam is None:
-            lam = 15000.0 * C.shape[0] / 16384
-        A = lam * ridge(C, self.hparams.cov_ridge) + K @ K.T
+        A = self.prior_weight(C) * ridge(C, self.hparams.cov_ridge) + K @ K.T
         return R, torch.linalg.solve(A, K)  # (d_in, n); A is symmetric
 
     # ------------------------------------------------------------------ edit
