@@ -360,6 +360,15 @@ def test_results_outputs_and_reuse(tiny, ppl_text, tmp_path):
         assert again.summary["post"][key] == pytest.approx(value, nan_ok=True, rel=1e-5)
     with pytest.raises(ValueError, match="other requests"):
         evaluate(model, tok, Boost(), REQUESTS[1:3], ppl_path=ppl_text, reuse_pre=back, **CFG)
+    # a run without fluency and perplexity reuses a full run's pre-edit scores, without those two
+    quick = evaluate(model, tok, Boost(alpha=12.0), REQUESTS[:2], mode="single", ppl_path=ppl_text,
+                     reuse_pre=back, **{**CFG, "fluency": False, "perplexity": False})
+    assert not any(k.startswith("fluency/") for k in quick.summary["pre"])
+    assert math.isnan(quick.summary["pre"].get("general/ppl", math.nan))  # not measured, as in a quick run
+    assert quick.summary["pre"]["rewrite/es"] == pytest.approx(es_pre)
+    assert back.per_request[0]["pre"].get("fluency/ngram_entropy") is not None  # the reused results are kept
+    with pytest.raises(ValueError, match="other settings"):  # the other way round is refused
+        evaluate(model, tok, Boost(), REQUESTS[:2], ppl_path=ppl_text, reuse_pre=quick, **CFG)
 
 
 def test_encoder_decoder_is_scored(tiny, ppl_text):

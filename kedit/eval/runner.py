@@ -18,6 +18,7 @@ to post-edit ones.
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import time
@@ -432,10 +433,24 @@ def _check_reuse(reuse: Results | None, reqs: list[EditRequest], cfg: EvalConfig
     theirs = dict(reuse.meta.get("config", {}))
     mine = asdict(cfg)
     scoring = [k for k in mine if k not in ("curve_every", "curve_generation", "eval_group", "check_restore")]
-    diff = [k for k in scoring if k in theirs and theirs[k] != mine[k]]
+    # a measurement they made and this run skips (fluency, perplexity) is dropped, not a mismatch
+    skipped = {k: prefix for k, prefix in _OPTIONAL_SCORES.items() if theirs.get(k) is True and mine[k] is False}
+    diff = [k for k in scoring if k in theirs and theirs[k] != mine[k] and k not in skipped]
     if diff:
         raise ValueError(f"reuse_pre: those results were measured with other settings: {diff}")
-    return reuse
+    if not skipped:
+        return reuse
+    prefixes = tuple(skipped.values())
+    trimmed = copy.copy(reuse)
+    trimmed.per_request = [{**r, "pre": {k: v for k, v in r["pre"].items() if not k.startswith(prefixes)}}
+                           for r in recs]
+    trimmed.meta = {k: v for k, v in reuse.meta.items()
+                    if not ("perplexity" in skipped and k in ("ppl_pre_nll", "ppl_pre_tokens"))}
+    return trimmed
+
+
+# EvalConfig switches whose scores a run may skip while reusing pre-edit scores that include them
+_OPTIONAL_SCORES = {"fluency": "fluency/", "perplexity": "general/ppl"}
 
 
 def _summarize(records: list[dict[str, Any]], ppl_pre: tuple[float, int], ppl_post: tuple[float, int]) -> dict:
