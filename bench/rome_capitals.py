@@ -1,7 +1,10 @@
 """ROME on facts SmolLM2 knows well: "The capital of X is" for 12 countries, under greedy decoding.
 
     OMP_NUM_THREADS=1 python bench/rome_capitals.py \\
-        --hparams '{"paper": {}, "llama.yaml": "llama.yaml"}'
+        --hparams '{"paper": {}, "llama.yaml": "llama.yaml", "emmet": {"editor": "emmet"}}'
+
+An entry with an ``"editor"`` key runs that registered editor (its dataclass defaults plus the
+other keys) instead of ROME: EMMET's single edit is ROME's update with EMMET's value settings.
 
 CounterFact's neighbourhood prompts are mostly facts a 135M model does not know (pre-edit NS
 .71), so they say little about an edit spilling onto close subjects. Here each country's
@@ -34,12 +37,14 @@ PARAPHRASES = ["The capital city of {} is", "{}'s capital city is"]
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--hparams", required=True, help='JSON {name: ROME overrides or "llama.yaml"}')
+    p.add_argument("--hparams", required=True,
+                   help='JSON {name: ROME overrides, "llama.yaml", or {"editor": NAME, **overrides}}')
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--stats-tokens", type=int, default=20_000)
     p.add_argument("--tag", default="", help="suffix of the result files")
     args = p.parse_args()
 
+    import kedit
     from kedit.editors.rome import ROME
     from kedit.eval.metrics import generation_match as says  # word-boundary match, as the evaluation's
     from kedit.eval.scoring import generate
@@ -56,7 +61,10 @@ def main() -> None:
     common = dict(corpus=str(DATA / "corpus"), stats_tokens=args.stats_tokens)
     results = {}
     for name, over in json.loads(args.hparams).items():
-        editor = ROME(**common, **overrides(over, common))
+        if isinstance(over, dict) and "editor" in over:
+            editor = kedit.editor(over["editor"], **common, **{k: v for k, v in over.items() if k != "editor"})
+        else:
+            editor = ROME(**common, **overrides(over, common))
         rows = []
         for i, c in enumerate(countries):
             target_country = countries[(i + 1) % len(countries)]
