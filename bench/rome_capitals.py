@@ -15,7 +15,9 @@ after each), and the other 11 countries are the neighbours. Reported per configu
   the unedited model answers those with the true capital);
 - neighbours kept: neighbours whose greedy answer is unchanged (the neighbour whose capital is
   the new target is left out: an answer that spills over there cannot be told apart);
-- spill: neighbours that now answer with the edit's new capital.
+- spill: neighbours that now answer with the edit's new capital;
+- the Germany test: after the README's edit (France's capital -> Rome), the greedy answer to
+  "The capital of Germany is" (Berlin when the edit keeps to France).
 
 Writes bench/results/rome_capitals.{json,md}.
 """
@@ -33,6 +35,17 @@ CAPITALS = {"France": "Paris", "Germany": "Berlin", "Spain": "Madrid", "Italy": 
             "Portugal": "Lisbon", "Austria": "Vienna"}
 PROMPT = "The capital of {} is"
 PARAPHRASES = ["The capital city of {} is", "{}'s capital city is"]
+
+
+GERMANY_EDIT = {"prompt": "The capital of France is", "subject": "France", "target_new": "Rome", "target_true": "Paris"}
+GERMANY_PROBE = "The capital of Germany is"
+
+
+def germany_test(editor, model, tok, generate) -> str:
+    """The README's edit (France's capital -> Rome), then Germany's capital: the greedy answer."""
+    edit = editor.edit(model, tok, GERMANY_EDIT)
+    with edit.applied(model):
+        return generate(model, tok, [GERMANY_PROBE], 4)[0].strip()
 
 
 def main() -> None:
@@ -59,7 +72,7 @@ def main() -> None:
     answers = generate(model, tok, [q.format(c) for c, q in pairs], 4)
     para_ok = {c: [q for (o, q), a in zip(pairs, answers) if o == c and says(a, CAPITALS[c])] for c in countries}
     common = dict(corpus=str(DATA / "corpus"), stats_tokens=args.stats_tokens)
-    results = {}
+    results, germany = {}, {}
     for name, over in json.loads(args.hparams).items():
         if isinstance(over, dict) and "editor" in over:
             editor = kedit.editor(over["editor"], **common, **{k: v for k, v in over.items() if k != "editor"})
@@ -85,21 +98,24 @@ def main() -> None:
                          "steps": edit.info["v_steps"][0]})
             print(name, rows[-1], flush=True)
         results[name] = rows
+        germany[name] = germany_test(editor, model, tok, generate)
     md = ["### ROME on well-known facts: the capitals of 12 countries, SmolLM2-135M, greedy decoding", "",
-          "| configuration | efficacy | paraphrase | neighbours kept | edits that spill | s/edit |",
-          "| --- | ---: | ---: | ---: | ---: | ---: |"]
+          "| configuration | efficacy | paraphrase | neighbours kept | edits that spill | Germany test | s/edit |",
+          "| --- | ---: | ---: | ---: | ---: | --- | ---: |"]
     for name, rows in results.items():
         paras = [x for r in rows for x in r["paraphrase"]]
         kept = sum(r["kept"] for r in rows) / sum(r["neighbours"] for r in rows)
         spill = [r for r in rows if r["spill"]]
         md.append(f"| {name} | {sum(r['efficacy'] for r in rows)}/{len(rows)} | {sum(paras)}/{len(paras)} | "
-                  f"{kept:.3f} | {len(spill)} | {sum(r['seconds'] for r in rows) / len(rows):.1f} |")
+                  f"{kept:.3f} | {len(spill)} | {germany[name]!r} | {sum(r['seconds'] for r in rows) / len(rows):.1f} |")
     md.append("")
     for name, rows in results.items():
         spills = [f"{r['country']}→{r['new']} onto {', '.join(r['spill'])}" for r in rows if r["spill"]]
         md.append(f"- {name}: spill {'; '.join(spills) or 'none'}")
     md += ["", f"Overrides: {args.hparams}. Seconds on {args.threads} thread(s), machine load not controlled.", ""]
-    write("rome_capitals" + args.tag, {"results": results, "args": vars(args)}, "\n".join(md))
+    md.append(f"Germany test: the answer to {GERMANY_PROBE!r} after {GERMANY_EDIT['prompt']!r} -> "
+              f"{GERMANY_EDIT['target_new']} (Berlin: kept).")
+    write("rome_capitals" + args.tag, {"results": results, "germany": germany, "args": vars(args)}, "\n".join(md))
 
 
 if __name__ == "__main__":
