@@ -59,7 +59,9 @@ def main() -> None:
 
     import kedit
     from kedit.editors.rome import ROME
-    from kedit.eval.metrics import generation_match as says  # word-boundary match, as the evaluation's
+    from kedit.eval.metrics import (
+        generation_match as says,  # word-boundary match, as the evaluation's
+    )
     from kedit.eval.scoring import generate
 
     model, tok, _ = setup(args.threads)
