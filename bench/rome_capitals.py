@@ -41,8 +41,10 @@ GERMANY_EDIT = {"prompt": "The capital of France is", "subject": "France", "targ
 GERMANY_PROBE = "The capital of Germany is"
 
 
-def germany_test(editor, model, tok, generate) -> str:
+def germany_test(editor, model, tok) -> str:
     """The README's edit (France's capital -> Rome), then Germany's capital: the greedy answer."""
+    from kedit.eval.scoring import generate
+
     edit = editor.edit(model, tok, GERMANY_EDIT)
     with edit.applied(model):
         return generate(model, tok, [GERMANY_PROBE], 4)[0].strip()
@@ -57,11 +59,9 @@ def main() -> None:
     p.add_argument("--tag", default="", help="suffix of the result files")
     args = p.parse_args()
 
-    import kedit
+    from kedit import editor as registered_editor
     from kedit.editors.rome import ROME
-    from kedit.eval.metrics import (
-        generation_match as says,  # word-boundary match, as the evaluation's
-    )
+    from kedit.eval.metrics import generation_match as says  # word-boundary match, as the evaluation's
     from kedit.eval.scoring import generate
 
     model, tok, _ = setup(args.threads)
@@ -77,7 +77,7 @@ def main() -> None:
     results, germany = {}, {}
     for name, over in json.loads(args.hparams).items():
         if isinstance(over, dict) and "editor" in over:
-            editor = kedit.editor(over["editor"], **common, **{k: v for k, v in over.items() if k != "editor"})
+            editor = registered_editor(over["editor"], **common, **{k: v for k, v in over.items() if k != "editor"})
         else:
             editor = ROME(**common, **overrides(over, common))
         rows = []
@@ -100,7 +100,7 @@ def main() -> None:
                          "steps": edit.info["v_steps"][0]})
             print(name, rows[-1], flush=True)
         results[name] = rows
-        germany[name] = germany_test(editor, model, tok, generate)
+        germany[name] = germany_test(editor, model, tok)
     md = ["### ROME on well-known facts: the capitals of 12 countries, SmolLM2-135M, greedy decoding", "",
           "| configuration | efficacy | paraphrase | neighbours kept | edits that spill | Germany test | s/edit |",
           "| --- | ---: | ---: | ---: | ---: | --- | ---: |"]

@@ -18,7 +18,6 @@ to post-edit ones.
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
 import time
@@ -423,6 +422,10 @@ def _curve_checkpoints(n: int, step: int, every: int, at: Sequence[int] | None =
     return points
 
 
+# EvalConfig switches whose scores a run may skip while reusing pre-edit scores that include them
+_OPTIONAL_SCORES = {"fluency": "fluency/", "perplexity": "general/ppl"}
+
+
 def _check_reuse(reuse: Results | None, reqs: list[EditRequest], cfg: EvalConfig) -> Results | None:
     if reuse is None:
         return None
@@ -441,16 +444,11 @@ def _check_reuse(reuse: Results | None, reqs: list[EditRequest], cfg: EvalConfig
     if not skipped:
         return reuse
     prefixes = tuple(skipped.values())
-    trimmed = copy.copy(reuse)
-    trimmed.per_request = [{**r, "pre": {k: v for k, v in r["pre"].items() if not k.startswith(prefixes)}}
-                           for r in recs]
-    trimmed.meta = {k: v for k, v in reuse.meta.items()
-                    if not ("perplexity" in skipped and k in ("ppl_pre_nll", "ppl_pre_tokens"))}
-    return trimmed
-
-
-# EvalConfig switches whose scores a run may skip while reusing pre-edit scores that include them
-_OPTIONAL_SCORES = {"fluency": "fluency/", "perplexity": "general/ppl"}
+    dropped_meta = ("ppl_pre_nll", "ppl_pre_tokens") if "perplexity" in skipped else ()
+    return replace(reuse,
+                   per_request=[{**r, "pre": {k: v for k, v in r["pre"].items() if not k.startswith(prefixes)}}
+                                for r in recs],
+                   meta={k: v for k, v in reuse.meta.items() if k not in dropped_meta})
 
 
 def _summarize(records: list[dict[str, Any]], ppl_pre: tuple[float, int], ppl_post: tuple[float, int]) -> dict:
