@@ -22,7 +22,9 @@ curve point (``--curve-at``, default 10, 100, 500, 1,000 edits; :class:`EvalConf
 Writes to ``--out`` (default bench/results), per run ``lifelong_<editor>[_<tag>]_<n>``: ``.json``
 (args, data report, results; a ``.partial.json`` with the curve so far while it runs), ``.md`` and
 ``.png`` (the curves), then ``lifelong_compare_<n>.md`` over every run of that size in ``--out``.
-Several editors in one call share the pre-edit pass (``reuse_pre``).
+Several editors in one call share the pre-edit pass (``reuse_pre``). A run saves its edit stack and
+what it measured every ``--checkpoint-every`` edits to ``$KEDIT_CACHE/bench_lifelong/<run>``; run the
+same command again to resume a stopped run (``kedit.eval.evaluate``'s ``checkpoint``).
 """
 
 from __future__ import annotations
@@ -82,10 +84,18 @@ def run(args, model, tok, editor_name: str, reqs: list, report: dict, pre=None):
         curve.append(point)
         partial.write_text(json.dumps({"args": vars(args), "curve": curve}, indent=1, default=str))
 
+    checkpoint = None
+    if args.checkpoint_every >= 0:
+        from kedit.paths import cache_dir
+
+        checkpoint = cache_dir() / "bench_lifelong" / name
+        cfg.checkpoint_every = args.checkpoint_every
+        if (checkpoint / "state.json").is_file():  # the curve so far is in the checkpoint
+            curve[:] = json.loads((checkpoint / "state.json").read_text())["curves"]
     t0 = time.perf_counter()
     res = evaluate(model, tok, editor, reqs, mode="sequential", batch_size=args.per_edit, config=cfg,
-                   on_curve=save_point, reuse_pre=pre)
-    wall = time.perf_counter() - t0
+                   on_curve=save_point, reuse_pre=pre, checkpoint=checkpoint)
+    wall = time.perf_counter() - t0 + res.meta["resumed_seconds"]  # + the stopped runs' time to their checkpoint
     payload = {"args": vars(args), "editor": editor_name, "data": report, "run_wall_seconds": wall,
                "results": res.to_dict()}
     (args.out / f"{name}.json").write_text(json.dumps(payload, indent=1, default=str))
@@ -160,6 +170,10 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--generation", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--compare", action="store_true", help="only rebuild lifelong_compare_<n>.md from saved runs")
+    p.add_argument("--checkpoint-every", type=int, default=50,
+                   help="save the run every this many edited requests (and at the curve points) to "
+                        "$KEDIT_CACHE/bench_lifelong/<run>; the same command resumes a stopped run from there; "
+                        "0: at the curve points only; -1: no checkpoints")
     p.add_argument("--reuse-pre", default=None,
                    help="a saved run's JSON (same --n): take its pre-edit scores instead of measuring them again")
     args = p.parse_args()

@@ -296,6 +296,75 @@ def test_sequential_is_stacked_not_independent(tiny, ppl_text):
     assert seq.per_request[0]["post"]["rewrite/p_new"] > single.per_request[0]["post"]["rewrite/p_new"]
 
 
+class Stop(Exception):
+    """Raised by an editor to stop a run, as a deadline or a kill would."""
+
+
+def _stopping(editor, after: int):
+    """``editor`` whose ``edit`` raises :class:`Stop` on call ``after + 1``."""
+    calls, edit = [], editor.edit
+
+    def flaky(*args, **kwargs):
+        calls.append(1)
+        if len(calls) > after:
+            raise Stop
+        return edit(*args, **kwargs)
+
+    editor.edit = flaky
+    return editor
+
+
+def _without_times(res):
+    curves = [{k: v for k, v in c.items() if k != "edit_seconds_mean"} for c in res.curves]
+    records = [{k: v for k, v in r.items() if k != "edit_seconds"} for r in res.per_request]
+    return curves, records
+
+
+def test_sequential_checkpoint_resumes_as_one_run(tiny, ppl_text, tmp_path):
+    """A sequential run stopped after 3 edits and run again with the same ``checkpoint`` folder
+    goes on from its last checkpoint (every 2 requests, and the curve point at 1): its curve and
+    scores are those of a run never stopped. The stopped run leaves the model bit-exact, the
+    finished one removes the checkpoint."""
+    model, tok = tiny("llama")
+    state = _state(model)
+    kw = dict(mode="sequential", ppl_path=ppl_text, curve_full=True, curve_at=[1, 3], **CFG)
+    whole = evaluate(model, tok, Boost(), REQUESTS, **kw)
+    folder = tmp_path / "ckpt"
+    with pytest.raises(Stop):
+        evaluate(model, tok, _stopping(Boost(), after=3), REQUESTS, checkpoint=folder, checkpoint_every=2, **kw)
+    assert_state_equal(model, state)
+    saved = json.loads((folder / "state.json").read_text())
+    assert saved["done"] == 3 and [c["n_edits"] for c in saved["curves"]] == [0, 1, 3]  # the curve point at 3
+    assert sorted(p.name for p in folder.iterdir()) == ["stack-3.safetensors", "state.json"]  # stack-2 replaced
+    assert len(Edit.load(folder / "stack-3.safetensors").edits) == 3
+    resumed = evaluate(model, tok, _stopping(Boost(), after=1), REQUESTS, checkpoint=folder, checkpoint_every=2,
+                       **kw)  # one edit left: the stopping editor is called once
+    assert_state_equal(model, state)
+    assert not folder.exists()
+    assert resumed.meta["resumed_at"] == 3 and whole.meta["resumed_at"] == 0
+    assert len(resumed.meta["edit_seconds"]) == 4 and [r["edit_step"] for r in resumed.per_request] == [0, 1, 2, 3]
+    (c1, r1), (c2, r2) = _without_times(whole), _without_times(resumed)
+    assert c1 == pytest.approx(c2, nan_ok=True) and len(r1) == len(r2)
+    for a, b in zip(r1, r2):
+        assert a["post"] == pytest.approx(b["post"], nan_ok=True)
+
+
+def test_sequential_checkpoint_of_another_run_is_refused(tiny, ppl_text, tmp_path):
+    model, tok = tiny("llama")
+    kw = dict(mode="sequential", ppl_path=ppl_text, checkpoint=tmp_path, checkpoint_every=1, **CFG)
+    with pytest.raises(Stop):
+        evaluate(model, tok, _stopping(Boost(), after=2), REQUESTS, **kw)
+    with pytest.raises(ValueError, match=r"state.json: field 'match.requests'"):
+        evaluate(model, tok, Boost(), REQUESTS[::-1], **kw)
+    with pytest.raises(ValueError, match=r"field 'match.hparams'.*Delete"):
+        evaluate(model, tok, Boost(alpha=3.0), REQUESTS, **kw)
+    with pytest.raises(ValueError, match="only sequential runs"):
+        evaluate(model, tok, Boost(), REQUESTS, mode="batch", checkpoint=tmp_path / "b", ppl_path=ppl_text, **CFG)
+    (tmp_path / "state.json").write_text("{not json")
+    with pytest.raises(ValueError, match="state.json: not a kedit checkpoint"):
+        evaluate(model, tok, Boost(), REQUESTS, **kw)
+
+
 def test_sequential_full_curve(tiny, ppl_text):
     """``curve_full``: curve points at ``curve_at`` also hold the paraphrase and locality scores of
     the requests edited so far (against the pre-edit references, as the final scores) and the mean

@@ -271,6 +271,37 @@ def test_save_load_round_trip_with_overrides(tiny, tmp_path):
         Edit.load(path, model=other)
 
 
+def test_sequential_run_resumes_from_a_checkpoint(tiny, tmp_path):
+    """``evaluate``'s checkpoint holds a stack of GRACE edits: a run stopped after 2 edits (the
+    second splits the first's entry) resumes from the file, and its third edit, made on the
+    loaded codebook, and its scores are those of a run never stopped."""
+    from kedit.eval import evaluate
+
+    model, tok = tiny
+    d = float(torch.dist(query(model, tok, A["prompt"]), query(model, tok, B["prompt"])))
+    reqs = [A, B, C]
+    kw = dict(mode="sequential", generation=False, fluency=False, perplexity=False, progress=False)
+    whole = evaluate(model, tok, grace(eps_init=0.75 * d), reqs, **kw)
+    stopping, calls = grace(eps_init=0.75 * d), []
+    real = stopping.edit
+
+    def edit(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    stopping.edit = edit
+    with pytest.raises(KeyboardInterrupt):
+        evaluate(model, tok, stopping, reqs, checkpoint=tmp_path, checkpoint_every=1, **kw)
+    assert hooks(model) == 0
+    assert len(Edit.load(tmp_path / "stack-2.safetensors", model=model).edits[1].overrides) == 1  # the split
+    resumed = evaluate(model, tok, grace(eps_init=0.75 * d), reqs, checkpoint=tmp_path, checkpoint_every=1, **kw)
+    assert resumed.meta["resumed_at"] == 2 and len(resumed.meta["edit_seconds"]) == 3
+    for a, b in zip(whole.per_request, resumed.per_request):
+        assert b["post"] == pytest.approx(a["post"], rel=0, abs=0, nan_ok=True)
+
+
 def test_load_names_a_bad_field(tiny, tmp_path):
     model, tok = tiny
     edit = grace().edit(model, tok, A)

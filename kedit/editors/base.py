@@ -151,14 +151,7 @@ class Edit(ABC):
         sha256 of its tensors as JSON."""
         if self.is_applied:
             raise EditStateError("restore the edit before saving it (saved weights are not state)")
-        tensors, meta = self.state()
-        tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-        header = {"kedit_format": FORMAT_VERSION, "kind": self.kind, "meta": meta, "sha256": tensor_hash(tensors)}
-        from kedit.atomic import atomic_path
-
-        with atomic_path(path) as tmp:  # a killed save leaves no partial file (kedit.atomic)
-            save_file(tensors, str(tmp), metadata={"kedit": json.dumps(header)})
-        return Path(path)
+        return write_edit_file(self, path)
 
     @staticmethod
     def load(path: str | Path, model: nn.Module | None = None) -> Edit:
@@ -184,6 +177,24 @@ class Edit(ABC):
 
     def check_base(self, model: nn.Module) -> None:
         """Raise :class:`EditMismatchError` if ``model`` is not the model this edit was made for."""
+
+
+def write_edit_file(edit: Edit, path: str | Path) -> Path:
+    """Write ``edit``'s state (tensors and metadata) as :meth:`Edit.save` does, applied or not.
+
+    The state never holds the weights an applied edit keeps for its restore; :meth:`Edit.save`
+    refuses an applied edit only so that nobody takes the file for a snapshot of the model.
+    Checkpoints of a running sequence (:func:`kedit.eval.evaluate`'s ``checkpoint``) save the
+    applied stack with this.
+    """
+    tensors, meta = edit.state()
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    header = {"kedit_format": FORMAT_VERSION, "kind": edit.kind, "meta": meta, "sha256": tensor_hash(tensors)}
+    from kedit.atomic import atomic_path
+
+    with atomic_path(path) as tmp:  # a killed save leaves no partial file (kedit.atomic)
+        save_file(tensors, str(tmp), metadata={"kedit": json.dumps(header)})
+    return Path(path)
 
 
 def _read_edit_file(path: Path) -> tuple[dict[str, Any], dict[str, Tensor]]:

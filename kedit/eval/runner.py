@@ -34,6 +34,7 @@ from transformers import PreTrainedTokenizerBase
 from kedit.data.request import EditRequest
 from kedit.editors.base import Edit, Editor, EditStack
 from kedit.eval import metrics as M
+from kedit.eval.resume import Checkpoint, requests_digest
 from kedit.eval.results import METRICS, Results
 from kedit.eval.scorer import Ref, Scorer
 from kedit.eval.scoring import model_device
@@ -84,6 +85,9 @@ class EvalConfig:
     """Sequential mode: include generation-based success in the retention curve."""
     eval_group: int = 16
     """Requests scored together (pre-edit references of a group are held in memory)."""
+    checkpoint_every: int = 0
+    """Sequential mode with a ``checkpoint`` folder: also save the run every this many edited
+    requests (at step boundaries); 0: at the curve points only."""
     check_restore: bool = True
     """Check after each restore that the model is bit-exactly what it was (its fingerprint,
     :func:`kedit.identity.fingerprint`), and compare a digest of all weights at the start and
@@ -114,6 +118,7 @@ def evaluate(
     on_result: Callable[[int, dict[str, Any]], None] | None = None,
     reuse_pre: Results | None = None,
     on_curve: Callable[[dict[str, Any]], None] | None = None,
+    checkpoint: str | Path | None = None,
     **overrides: Any,
 ) -> Results:
     """Edit and evaluate ``requests`` in ``mode``; the model is returned unedited (checked).
@@ -126,6 +131,9 @@ def evaluate(
     for KL / agreement are recomputed). Comparing several editors, this halves the work.
     ``on_curve(point)``: sequential mode, called with each retention/perplexity curve point as
     it is measured (to save partial results of long runs).
+    ``checkpoint``: sequential mode, a folder where the run is saved at its curve points (and
+    every ``checkpoint_every`` requests) and from which a run with the same requests, editor
+    and settings resumes (:mod:`kedit.eval.resume`); its files are removed when the run ends.
     """
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
@@ -134,12 +142,19 @@ def evaluate(
     if not reqs:
         raise ValueError("no requests to evaluate")
     step = _step(mode, batch_size, len(reqs))
+    if checkpoint is not None and mode != "sequential":
+        raise ValueError(f"checkpoint: only sequential runs are checkpointed (mode={mode!r})")
     reused = _check_reuse(reuse_pre, reqs, cfg)
     was_training = model.training
     model.eval()
     start_hash = state_digest(model, full=full_hash_default()) if cfg.check_restore else None
     bar = tqdm(total=len(reqs), desc=f"{mode} {type(editor).__name__}", unit="req", disable=not progress)
     run = _Run(model, tokenizer, editor, reqs, cfg, reused, bar, on_result, on_curve)
+    if checkpoint is not None:
+        run.checkpoint = Checkpoint(checkpoint, {
+            "requests": requests_digest(reqs), "n_requests": len(reqs), "step": step,
+            "editor": type(editor).__name__, "hparams": _jsonable(getattr(editor, "hparams", None)),
+            "config": {k: v for k, v in asdict(cfg).items() if k not in _NOT_SCORING}})
     try:
         ppl_post = {"single": run.single, "batch": run.batch, "sequential": run.sequential}[mode](step)
     finally:
@@ -148,7 +163,10 @@ def evaluate(
             model.train()
     if cfg.check_restore and state_digest(model, full=full_hash_default()) != start_hash:
         raise RestoreError("the model's weights differ from the start of the evaluation (sha256)")
-    return run.results(mode, step, ppl_post)
+    results = run.results(mode, step, ppl_post)
+    if run.checkpoint is not None:
+        run.checkpoint.clear()
+    return results
 
 
 def _step(mode: str, batch_size: int | None, n: int) -> int:
@@ -184,6 +202,8 @@ class _Run:
             {"index": i, "case_id": r.case_id, "prompt": r.prompt, "target_new": r.target_new,
              "target_true": r.target_true} for i, r in enumerate(requests)]
         self.curves: list[dict[str, Any]] = []
+        self.checkpoint: Checkpoint | None = None
+        self.resumed_at, self.resumed_seconds = 0, 0.0
         if reused is not None and reused.meta.get("ppl_pre_tokens") is not None:
             self.ppl_pre = (reused.meta["ppl_pre_nll"], reused.meta["ppl_pre_tokens"])
         else:
@@ -225,21 +245,31 @@ class _Run:
         (``history``); curve points at checkpoints; every request scored on the whole stack."""
         n = len(self.reqs)
         points = _curve_checkpoints(n, step, self.cfg.curve_every, self.cfg.curve_at)
-        stack = EditStack()
+        stack, done = self._resume()  # first: a checkpoint of another run is refused before the long pre-edit pass
         # with full curves: every request's pre-edit scores and references now, on the unedited model, in one pass
         pre_all, refs = self._pre(list(range(n))) if self.cfg.curve_full else (None, None)
-        self._curve_point(0, min(points), refs)
+        if not done:
+            self._curve_point(0, min(points), refs)
+        every = self.cfg.checkpoint_every
         seen: list[dict[str, float]] = []
         try:
-            for chunk in chunks(range(n), step):
+            if stack.edits:
+                stack.apply(self.model)  # each edit checks its base weights: another model is refused
+            for chunk in chunks(range(done, n), step):
                 edit = self._edit(chunk, history=stack)
                 if stack.is_applied:
                     stack.push(edit, self.model)
                 else:
                     stack.push(edit)
                     stack.apply(self.model)
-                if chunk[-1] + 1 in points:
-                    ppl_post, seen = self._curve_point(chunk[-1] + 1, min(points), refs)  # the last one is at n
+                end = chunk[-1] + 1
+                if end in points:
+                    ppl_post, seen = self._curve_point(end, min(points), refs)  # the last one is at n
+                if self.checkpoint is not None and end < n and (end in points or (every and end % every == 0)):
+                    self.checkpoint.save(stack, end, time.perf_counter() - self.t_start, self.timer.seconds,
+                                         self.timer.cuda_peaks,
+                                         [{k: r[k] for k in ("edit_seconds", "edit_step")} for r in self.records[:end]],
+                                         self.curves)
         finally:
             stack.restore(self.model)
         self._check("after restoring the sequential edit stack")
@@ -259,6 +289,21 @@ class _Run:
             for i, a, b in zip(group, pre, post):
                 self._done(i, a, b, ppl_post)
         return ppl_post
+
+    def _resume(self) -> tuple[EditStack, int]:
+        """The stack (not applied) and the requests it edited: from the checkpoint, if one was
+        saved, with the edit times and the curve so far; else empty."""
+        saved = None if self.checkpoint is None else self.checkpoint.load()
+        if saved is None:
+            return EditStack(), 0
+        self.timer.seconds, self.timer.cuda_peaks = list(saved.edit_seconds), list(saved.cuda_peaks)
+        for record, fields in zip(self.records, saved.records):
+            record.update(fields)
+        self.curves = list(saved.curves)
+        self.resumed_at, self.resumed_seconds = saved.done, saved.seconds
+        self.t_start -= saved.seconds
+        self.bar.update(saved.done)
+        return saved.stack, saved.done
 
     # ----------------------------------------------------------------------- steps
 
@@ -350,6 +395,8 @@ class _Run:
             "edit_seconds_per_request": sum(seconds) / len(self.reqs) if seconds else None,
             "edit_seconds_total": sum(seconds),
             "eval_seconds": time.perf_counter() - self.t_start,
+            "resumed_at": self.resumed_at,
+            "resumed_seconds": self.resumed_seconds,
             "peak_rss_mb": peak_rss_mb(),
             "cuda_peak_mb": max(self.timer.cuda_peaks) if self.timer.cuda_peaks else None,
             "config": asdict(self.cfg),
@@ -422,6 +469,9 @@ def _curve_checkpoints(n: int, step: int, every: int, at: Sequence[int] | None =
     return points
 
 
+# EvalConfig fields that change no score (a reuse or a resume may differ in them)
+_NOT_SCORING = ("curve_every", "curve_generation", "eval_group", "check_restore", "checkpoint_every")
+
 # EvalConfig switches whose scores a run may skip while reusing pre-edit scores that include them
 _OPTIONAL_SCORES = {"fluency": "fluency/", "perplexity": "general/ppl"}
 
@@ -435,7 +485,7 @@ def _check_reuse(reuse: Results | None, reqs: list[EditRequest], cfg: EvalConfig
         raise ValueError("reuse_pre: those results are for other requests (or incomplete)")
     theirs = dict(reuse.meta.get("config", {}))
     mine = asdict(cfg)
-    scoring = [k for k in mine if k not in ("curve_every", "curve_generation", "eval_group", "check_restore")]
+    scoring = [k for k in mine if k not in _NOT_SCORING]
     # a measurement they made and this run skips (fluency, perplexity) is dropped, not a mismatch
     skipped = {k: prefix for k, prefix in _OPTIONAL_SCORES.items() if theirs.get(k) is True and mine[k] is False}
     diff = [k for k in scoring if k in theirs and theirs[k] != mine[k] and k not in skipped]
