@@ -50,6 +50,8 @@ examples:
   python -m kedit.evaluate --editor ft-m --config auto --data counterfact-sample --limit 20
   KEDIT_DATA=/path/to/data python -m kedit.evaluate --editor memit --config auto --mode sequential \\
       --batch-size 50 --limit 500 --plot --data counterfact:dev
+  python -m kedit.evaluate --editor grace --config auto --mode sequential --data zsre:dev --skip-bad \\
+      --limit 1000 --checkpoint outputs/grace-run    # run again to resume a stopped run
   python -m kedit.evaluate --editor checkpoints/mend-smollm2-135m-counterfact.safetensors --data zsre:dev --skip-bad
 """
 
@@ -93,6 +95,9 @@ def build_parser(hparams: type | None = None):
     g.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16", "fp32", "bf16", "fp16"),
                    help="model dtype (default: %(default)s)")
     g.add_argument("--threads", type=int | None, default=None, help="torch CPU threads (default: torch's choice)")
+    g.add_argument("--checkpoint", type=str | None, default=None, metavar="DIR",
+                   help="sequential mode: save the run to DIR at the curve points (and every "
+                        "--eval.checkpoint_every requests); the same command resumes a stopped run from there")
 
     p.add_class_arguments(EvalConfig, "eval")
     if hparams is not None:
@@ -171,12 +176,13 @@ def _device(spec: str) -> str:
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Errors a user fixes by changing the command or its files: one line, no traceback."""
     from kedit.data.request import RequestError
+    from kedit.eval.resume import CheckpointError
     from kedit.identity import EditMismatchError
     from kedit.models.arch import UnsupportedArchitecture
     from kedit.models.loading import MissingModelPackage
 
     return (UsageError, RequestError, FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError,
-            MissingModelPackage, UnsupportedArchitecture, EditMismatchError)
+            MissingModelPackage, UnsupportedArchitecture, EditMismatchError, CheckpointError)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -248,6 +254,8 @@ def _main(argv: list[str]) -> int:
     torch.manual_seed(args.seed)
     out = _out_path(args)
     refuse_untrained(args.editor)  # before loading anything
+    if args.checkpoint and args.mode != "sequential":
+        raise UsageError(f"--checkpoint: only sequential runs are checkpointed (--mode {args.mode})")
     requests, report = load_requests_with_report(args.data, format=args.format,
                                                  on_error="skip" if args.skip_bad else "raise", limit=args.limit)
     if args.skip_bad and hasattr(report, "summary"):
@@ -257,7 +265,7 @@ def _main(argv: list[str]) -> int:
     model, tok = load_model(args.model, dtype=args.dtype, device=_device(args.device))
     editor = make_editor(args, parser, argv, model)
     results = evaluate(model, tok, editor, requests, mode=args.mode, batch_size=args.batch_size,
-                       config=parser.instantiate(args).eval, progress=not args.quiet)
+                       config=parser.instantiate(args).eval, progress=not args.quiet, checkpoint=args.checkpoint)
     results.meta.update(data=str(args.data), seed=args.seed, argv=argv)
 
     _report(results, args, out)

@@ -516,8 +516,15 @@ def test_cli_smoke(cli_files, tmp_path, capsys, ppl_text):
     argv = ["--model", str(cli_files[0]), "--editor", "ft-m", "--hparams.num_steps", "3", "--hparams.lr=1e-2",
             "--data", str(cli_files[1]), "--mode", "sequential", "--limit", "3", "--out", str(out),
             "--plot", str(tmp_path / "curve.png"), "--eval.ppl_path", ppl_text, "--eval.ppl_tokens", "32",
-            "--eval.fluency_new_tokens", "8", "--quiet", "--device", "cpu"]
+            "--eval.fluency_new_tokens", "8", "--quiet", "--device", "cpu", "--checkpoint", str(tmp_path / "ck")]
+    (tmp_path / "ck").mkdir()
+    (tmp_path / "ck" / "state.json").write_text('{"kedit_checkpoint": 1}')
+    assert main(argv) == 2  # found once the editor is made (after the model's loading bar)
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.endswith("ck/state.json: field 'match' is missing") and err.startswith("python -m kedit.evaluate: error")
+    (tmp_path / "ck" / "state.json").unlink()
     assert main(argv) == 0
+    assert not (tmp_path / "ck").exists()  # the checkpoint of a finished run is removed
     stdout = capsys.readouterr().out
     assert "| metric | pre | post | n |" in stdout and "rewrite/es" in stdout
     data = json.loads(out.read_text())
@@ -547,7 +554,8 @@ def _one_line_error(capsys, *parts: str) -> str:
     return err
 
 
-@pytest.mark.parametrize("case", ["model", "untrained mend", "unknown editor", "data", "bad record", "out"])
+@pytest.mark.parametrize("case", ["model", "untrained mend", "unknown editor", "data", "bad record", "out",
+                                  "checkpoint"])
 def test_cli_user_errors_are_one_line(cli_files, tmp_path, capsys, monkeypatch, case):
     """Expected user errors: exit code 2 and one line naming the problem, before any work."""
     import kedit.eval
@@ -566,6 +574,7 @@ def test_cli_user_errors_are_one_line(cli_files, tmp_path, capsys, monkeypatch, 
         "data": ({"--data": str(tmp_path / "none.json")}, ["no data file at"]),
         "bad record": ({"--data": str(tmp_path / "bad.json")}, ["record 0, field 'target_new'", "lone surrogate"]),
         "out": ({"--out": str(blocker / "r.json")}, [f"--out {blocker / 'r.json'}: cannot write"]),
+        "checkpoint": ({"--checkpoint": str(tmp_path / "ck")}, ["--checkpoint: only sequential runs", "single"]),
     }[case]
     argv = [x for k, v in {**base, **change}.items() for x in (k, v)] + ["--quiet", "--device", "cpu"]
     assert main(argv) == 2

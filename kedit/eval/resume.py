@@ -33,6 +33,11 @@ from kedit.editors.base import Edit, EditStack, write_edit_file
 log = logging.getLogger(__name__)
 
 FORMAT = 1
+
+
+class CheckpointError(ValueError):
+    """The checkpoint folder holds another run's checkpoint, or a file that is not one."""
+
 STATE = "state.json"
 
 
@@ -72,18 +77,21 @@ class Checkpoint:
         try:
             saved = json.loads(self.state.read_text())
         except json.JSONDecodeError as err:
-            raise ValueError(f"{self.state}: not a kedit checkpoint ({err})") from None
+            raise CheckpointError(f"{self.state}: not a kedit checkpoint ({err})") from None
         if not isinstance(saved, dict) or saved.get("kedit_checkpoint") != FORMAT:
-            raise ValueError(f"{self.state}: not a kedit checkpoint (format {FORMAT})")
+            raise CheckpointError(f"{self.state}: not a kedit checkpoint (format {FORMAT})")
+        for key in ("match", "done", "stack", "seconds", "edit_seconds", "cuda_peaks", "records", "curves"):
+            if key not in saved:
+                raise CheckpointError(f"{self.state}: field '{key}' is missing")
         for key, mine in self.match.items():
-            if saved.get("match", {}).get(key) != mine:
-                raise ValueError(f"{self.state}: field 'match.{key}': the checkpoint was made by another run "
-                                 f"({_short(saved.get('match', {}).get(key))}; this run: {_short(mine)}). "
-                                 f"Delete {self.folder} to start over, or resume with the same arguments.")
+            if saved["match"].get(key) != mine:
+                raise CheckpointError(f"{self.state}: field 'match.{key}': the checkpoint was made by another run "
+                                      f"({_short(saved['match'].get(key))}; this run: {_short(mine)}). "
+                                      f"Delete {self.folder} to start over, or resume with the same arguments.")
         stack = Edit.load(self.folder / saved["stack"])
         if not isinstance(stack, EditStack) or len(stack.edits) != len(saved["edit_seconds"]):
-            raise ValueError(f"{self.folder / saved['stack']}: expected a stack of {len(saved['edit_seconds'])} "
-                             f"edits (field 'edit_seconds' of {self.state})")
+            raise CheckpointError(f"{self.folder / saved['stack']}: expected a stack of {len(saved['edit_seconds'])} "
+                                  f"edits (field 'edit_seconds' of {self.state})")
         log.info("resuming from %s: %d requests edited, %d edits", self.folder, saved["done"], len(stack.edits))
         return Resumed(stack=stack, done=saved["done"], seconds=saved["seconds"], edit_seconds=saved["edit_seconds"],
                        cuda_peaks=saved["cuda_peaks"], records=saved["records"], curves=saved["curves"])
