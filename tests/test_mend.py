@@ -201,6 +201,48 @@ def test_training_reduces_edit_loss(tmp_path):
     assert after < before, (before, after)
 
 
+def test_same_relation_neighbours():
+    """``neighbours``: other records of the same template (prompt less subject), next in file
+    order, never the same subject; the validation set keeps one locality prompt."""
+    from kedit.data import EditRequest
+    from kedit.lightning.data import EditDataModule, EditExamples
+
+    def req(subject, template, true):
+        return EditRequest(prompt=template.format(subject), subject=subject, target_new="X", target_true=true)
+
+    reqs = [req("A", "{} plays", "chess"), req("B", "The capital of {} is", "b"), req("C", "{} plays", "go"),
+            req("A", "{} plays", "tennis"), req("D", "{} plays", "polo"), req("E", "{} plays", None)]
+    ex = EditExamples(reqs, neighbours=2)
+    assert ex.same_relation(0) == [2, 4] and ex.same_relation(2) == [3, 4] and ex.same_relation(1) == []
+    assert ex.same_relation(3) == [4, 2]  # not record 0: the same subject
+    item = ex[4]
+    assert item["nb_prompts"] == ["A plays", "C plays"] and item["nb_answers"] == ["chess", "go"]
+    assert EditExamples(reqs)[0]["nb_prompts"] == []
+    dm = _data(n=16, neighbours=3)
+    dm.setup()
+    assert dm.train_set.neighbours == 3 and dm.val_set.neighbours == 0
+
+
+def test_neighbours_join_the_locality_loss():
+    """MEND's KL is the mean over every locality prompt's tokens: neighbours that repeat the
+    example's own locality prompt leave the loss as it was; other prompts change it."""
+    from kedit.lightning.data import collate
+
+    torch.manual_seed(0)
+    module = _module(c_edit=1.0, c_loc=1.0)
+    module.train()
+    dm = _data(n=4, batch_size=2)
+    dm.setup()
+    items = [dm.train_set[i] for i in range(2)]
+    plain = module._step(collate(items), evaluate=False)
+    repeated = [{**it, "nb_prompts": [it["loc_prompt"]] * 2, "nb_answers": [it["loc_answer"]] * 2} for it in items]
+    again = module._step(collate(repeated), evaluate=False)
+    assert again["loc_kl"].item() == pytest.approx(plain["loc_kl"].item(), rel=1e-5)
+    assert again["loss"].item() == pytest.approx(plain["loss"].item(), rel=1e-5)
+    other = [{**it, "nb_prompts": [items[1 - i]["prompt"]], "nb_answers": ["x"]} for i, it in enumerate(items)]
+    assert module._step(collate(other), evaluate=False)["loc_kl"].item() != pytest.approx(plain["loc_kl"].item())
+
+
 def test_resume_matches_uninterrupted(tmp_path):
     """Stop after 3 steps (checkpoint mid-epoch), resume to 6: same weights, optimizer and data as 6 in one go."""
     import lightning as L

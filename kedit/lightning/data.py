@@ -5,7 +5,14 @@ Reads any file :func:`kedit.data.load_requests` reads (the MEND-schema files
 one edit request flattened to strings::
 
     {"prompt": edit prompt, "target": new answer, "equiv": a paraphrase of the prompt,
-     "loc_prompt": an unrelated prompt, "loc_answer": its answer, "index": record index}
+     "loc_prompt": an unrelated prompt, "loc_answer": its answer,
+     "nb_prompts": same-relation neighbours, "nb_answers": their answers, "index": record index}
+
+``loc_prompt`` is the record's first locality probe (CounterFact's is a prompt of the same
+relation whose answer is the edit's old answer), else another record's prompt. ``nb_prompts``
+(``neighbours`` per training edit, MEND's loss keeps them too; empty by default) are the
+prompts of other records with the same template (the prompt with its subject cut out, i.e. the
+same relation) with their true answers, taken in file order after the record.
 
 A batch is a dict of lists (tokenization is the module's job: it owns the tokenizer).
 
@@ -37,11 +44,30 @@ log = logging.getLogger(__name__)
 class EditExamples(Dataset):
     """Edit requests as flat string examples (see module docstring)."""
 
-    def __init__(self, requests: list, source: str = "") -> None:
+    def __init__(self, requests: list, source: str = "", neighbours: int = 0) -> None:
         if not requests:
             raise DataError(f"no edit requests in {source or 'the given records'}")
+        if neighbours < 0:
+            raise DataError(f"neighbours must be >= 0, got {neighbours}")
         self.requests = requests
         self.source = source
+        self.neighbours = neighbours
+        self.same: dict[str, list[int]] = {}  # template -> indices of records with a true answer
+        if neighbours:
+            for i, r in enumerate(requests):
+                if r.target_true and r.subject and r.subject in r.prompt:
+                    self.same.setdefault(template(r), []).append(i)
+
+    def same_relation(self, i: int) -> list[int]:
+        """Up to ``neighbours`` other records of record ``i``'s template, the next ones in file order."""
+        if not self.neighbours:
+            return []
+        r = self.requests[i]
+        group = self.same.get(template(r), []) if r.subject and r.subject in r.prompt else []
+        if i in group:
+            at = group.index(i)
+            group = group[at + 1:] + group[:at]
+        return [j for j in group if self.requests[j].subject != r.subject][: self.neighbours]
 
     def __len__(self) -> int:
         return len(self.requests)
@@ -54,8 +80,15 @@ class EditExamples(Dataset):
         else:  # no locality probe: another record's fact must stay as it was
             other = self.requests[(i + 1) % len(self.requests)]
             loc_prompt, loc_answer = other.prompt, other.target_true or other.target_new
+        near = [self.requests[j] for j in self.same_relation(i)]
         return {"prompt": r.prompt, "target": r.target_new, "equiv": equiv,
-                "loc_prompt": loc_prompt, "loc_answer": loc_answer, "index": i}
+                "loc_prompt": loc_prompt, "loc_answer": loc_answer,
+                "nb_prompts": [n.prompt for n in near], "nb_answers": [n.target_true for n in near], "index": i}
+
+
+def template(request) -> str:
+    """The request's prompt with its subject cut out: records of one relation share it."""
+    return request.prompt.replace(request.subject, "{}", 1)
 
 
 def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
@@ -112,6 +145,7 @@ class EditDataModule(LightningDataModule):
         seed: int = 0,
         shuffle: bool = True,
         num_workers: int = 0,
+        neighbours: int = 0,
     ) -> None:
         """
         Args:
@@ -129,6 +163,9 @@ class EditDataModule(LightningDataModule):
             shuffle: Shuffle each epoch (seeded by seed_everything); false keeps file order (under DDP:
                 each process reads every R-th record).
             num_workers: DataLoader worker processes.
+            neighbours: Same-relation neighbours per training edit (other records of the same
+                template, with their true answers) whose predictions MEND's locality loss keeps,
+                beside the record's own locality prompt; 0: none. Validation keeps one locality prompt.
         """
         super().__init__()
         # str, not Path: checkpoints hold the hyperparameters and are read with weights_only=True
@@ -139,6 +176,7 @@ class EditDataModule(LightningDataModule):
         self.limit_train, self.limit_val, self.format = limit_train, limit_val, format
         self.on_error = on_error
         self.seed, self.shuffle, self.num_workers = seed, shuffle, num_workers
+        self.neighbours = neighbours
         self.train_set: EditExamples | None = None
         self.val_set: EditExamples | None = None
         self.shuffle_seed: int | None = None  # fixed by the first train_dataloader or by a checkpoint
@@ -185,7 +223,7 @@ class EditDataModule(LightningDataModule):
             train = train[: self.limit_train]
         if self.limit_val:
             val = val[: self.limit_val]
-        self.train_set = EditExamples(train, self.train_path)
+        self.train_set = EditExamples(train, self.train_path, neighbours=self.neighbours)
         self.val_set = EditExamples(val, self.val_path or f"{self.train_path} (held out)")
         log.info("EditDataModule: %d training and %d validation edits", len(train), len(val))
 

@@ -7,6 +7,9 @@ Per training example i (edit prompt x_e, target y_e, equivalent prompt x_e', loc
 3. with ``torch.func.functional_call`` and W + ΔW_i swapped in (weights are never written):
    L_i = c_edit · NLL(y_e | x_e', W + ΔW_i) + c_loc · KL(p_W(· | x_loc) ‖ p_{W+ΔW_i}(· | x_loc)).
 
+The KL is the mean over the tokens of every locality prompt of the example: its own, and in
+training its ``neighbours`` same-relation neighbours (:class:`~kedit.lightning.data.EditDataModule`).
+
 The loss is the mean over the batch, so DDP's gradient average over R ranks of batch B is
 the update of one process with batch R·B. The base model is frozen, outside the optimizer
 and outside every checkpoint (only the hypernetwork, its normalizer statistics, the typed
@@ -81,7 +84,14 @@ class MENDModule(HypernetModule):
         edit = self._encode(batch["prompt"], batch["target"])
         u, d, example = gradient_inputs(self.base, self.mend.names, edit, self.seq2seq)
         deltas = self.mend(u, d, example, n)  # differentiable in the hypernetwork
-        loc = self._encode(batch["loc_prompt"], batch["loc_answer"])
+        # each example's locality prompts: its own, then (training) its same-relation neighbours
+        nb = [[]] * n if evaluate else [list(zip(p, a)) for p, a in zip(batch.get("nb_prompts", [[]] * n),
+                                                                          batch.get("nb_answers", [[]] * n))]
+        loc_pairs = [[(batch["loc_prompt"][i], batch["loc_answer"][i])] + nb[i] for i in range(n)]
+        start = [0]
+        for pairs in loc_pairs:
+            start.append(start[-1] + len(pairs))
+        loc = self._encode([p for pairs in loc_pairs for p, _ in pairs], [a for pairs in loc_pairs for _, a in pairs])
         with torch.no_grad():
             pre_loc = self._forward(None, loc)
         loc_mask = self._loc_mask(loc)
@@ -95,15 +105,16 @@ class MENDModule(HypernetModule):
                 edited[name] = params[name] + (left @ right.T).to(params[name].dtype)
             prompts = ([batch["prompt"][i]] if self.cfg.edit_on_prompt or evaluate else []) + [batch["equiv"][i]]
             k = len(prompts)
-            # one forward per example: its edit/equivalent prompts and its locality prompt
-            both = self._encode(prompts + [batch["loc_prompt"][i]],
-                                [batch["target"][i]] * k + [batch["loc_answer"][i]])
+            # one forward per example: its edit/equivalent prompts and its locality prompts
+            both = self._encode(prompts + [p for p, _ in loc_pairs[i]],
+                                [batch["target"][i]] * k + [a for _, a in loc_pairs[i]])
             logits = self._forward(edited, both)
             eq_logits, eq_labels = logits[:k], both["labels"][:k]
             nll = mean_nll(eq_logits, eq_labels, self.seq2seq).mean()
             width = min(logits.shape[1], pre_loc.shape[1])
-            post_i, pre_i = logits[k:, :width], pre_loc[i:i + 1, :width]
-            mask_i = loc_mask[i:i + 1, :width]
+            rows = slice(start[i], start[i + 1])
+            post_i, pre_i = logits[k:, :width], pre_loc[rows, :width]
+            mask_i = loc_mask[rows, :width]
             kl = locality_kl(pre_i, post_i, mask_i)
             losses.append(self.cfg.c_edit * nll + self.cfg.c_loc * kl)
             nlls.append(nll.detach())
@@ -115,8 +126,8 @@ class MENDModule(HypernetModule):
                     es.append(ok[0])
                     ps.append(ok[-1])
                     # teacher-forced locality: the loc answer tokens keep their pre-edit argmax
-                    pre_l, _, m = target_logits(pre_i, loc["labels"][i:i + 1, :width], self.seq2seq)
-                    post_l, _, _ = target_logits(post_i, loc["labels"][i:i + 1, :width], self.seq2seq)
+                    pre_l, _, m = target_logits(pre_i, loc["labels"][rows, :width], self.seq2seq)
+                    post_l, _, _ = target_logits(post_i, loc["labels"][rows, :width], self.seq2seq)
                     agree = ((pre_l.argmax(-1) == post_l.argmax(-1)) & m).sum() / m.sum().clamp(min=1)
                     locs.append(agree.float())
                 else:
