@@ -8,8 +8,9 @@
 from kedit.eval.metrics import (Perplexity, Rate, generation_match, kl_divergence, mean_ngram_entropy, ngram_entropy,
                                 normalize_answer, prob_greater, token_accuracy, top1_agreement)
 from kedit.eval.results import METRICS, Results
+from kedit.eval.resume import CheckpointError
 from kedit.eval.runner import MODES, EvalConfig, RestoreError, evaluate
 
-__all__ = ["METRICS", "MODES", "EvalConfig", "Perplexity", "Rate", "RestoreError", "Results", "evaluate",
+__all__ = ["METRICS", "MODES", "CheckpointError", "EvalConfig", "Perplexity", "Rate", "RestoreError", "Results", "evaluate",
            "generation_match", "kl_divergence", "mean_ngram_entropy", "ngram_entropy", "normalize_answer",
            "prob_greater", "token_accuracy", "top1_agreement"]
