@@ -25,6 +25,7 @@ from contract_settings import paper_editor
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = ROOT / "checkpoints" / "mend-smollm2-135m-counterfact.safetensors"
+LOCAL = ROOT / "checkpoints" / "mend-smollm2-135m-counterfact-local.safetensors"  # c_loc 10: the local point
 REQ = {"prompt": "The capital of France is", "target_new": "Rome", "subject": "France"}
 
 
@@ -349,11 +350,12 @@ def test_cli_fast_dev_run_and_export(tmp_path):
 
 
 @pytest.mark.real_model
-def test_shipped_editor_one_shot_edit(smollm2):
+@pytest.mark.parametrize("path", [SHIPPED, LOCAL], ids=["default", "local"])
+def test_shipped_editor_one_shot_edit(smollm2, path):
     model, tok = smollm2
-    if not SHIPPED.is_file():
-        pytest.skip(f"{SHIPPED} not shipped")
-    editor = kedit.load_editor(SHIPPED, model=model)
+    if not path.is_file():
+        pytest.skip(f"{path} not shipped")
+    editor = kedit.load_editor(path, model=model)
     req = {"prompt": "The capital of France is", "target_new": "Rome"}
     p0 = logp(model, tok, req)
     edit = editor.edit(model, tok, req)
