@@ -9,6 +9,7 @@ tests/test_contract.py, which picks MALMEN up from the registry. The DDP test la
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import pytest
 import torch
@@ -229,3 +230,39 @@ def test_val_score_is_the_harmonic_mean_and_zero_when_one_rate_is():
 
     assert val_score([torch.tensor(1.0), torch.tensor(0.5), torch.tensor(0.5)]).item() == pytest.approx(0.6)
     assert val_score([torch.tensor(1.0), torch.tensor(0.0), torch.tensor(0.9)]).item() == 0.0
+
+
+def test_neighbours_are_ignored_with_a_warning(tmp_path, caplog):
+    """MALMEN's loss has no place for same-relation neighbours: fitting with them says so."""
+    module = _module()
+    with caplog.at_level(logging.WARNING, logger="kedit.lightning.common"):
+        _trainer(tmp_path, max_steps=1, limit_val_batches=0).fit(module, _data(n=4, batch_size=2, neighbours=2))
+    assert "MALMENModule ignores EditDataModule(neighbours=2)" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="kedit.lightning.common"):
+        _trainer(tmp_path, max_steps=1, limit_val_batches=0).fit(_module(), _data(n=4, batch_size=2))
+    assert "ignores EditDataModule" not in caplog.text
+
+
+SHIPPED = Path(__file__).resolve().parents[1] / "checkpoints" / "malmen-smollm2-135m-counterfact.safetensors"
+
+
+@pytest.mark.real_model
+def test_shipped_editor_edits_a_batch_in_one_shift(smollm2):
+    """The shipped MALMEN editor: one WeightDelta for three CounterFact-style facts, each one moved."""
+    from test_mend import logp
+
+    model, tok = smollm2
+    if not SHIPPED.is_file():
+        pytest.skip(f"{SHIPPED} not shipped")
+    editor = kedit.load_editor(SHIPPED, model=model)
+    requests = [{"prompt": "The capital of France is", "target_new": "Rome"},
+                {"prompt": "Danielle Darrieux's mother tongue is", "target_new": "English"},
+                {"prompt": "The Eiffel Tower is located in the city of", "target_new": "London"}]
+    before = [logp(model, tok, r) for r in requests]
+    edit = editor.edit(model, tok, requests)
+    assert edit.info["n_requests"] == 3
+    with edit.applied(model):
+        after = [logp(model, tok, r) for r in requests]
+    assert all(a > b + 1.0 for a, b in zip(after, before)), (before, after)
+    assert [logp(model, tok, r) for r in requests] == before  # restored

@@ -33,12 +33,11 @@ from kedit.editors.base import Edit, EditStack, write_edit_file
 log = logging.getLogger(__name__)
 
 FORMAT = 1
+STATE = "state.json"
 
 
 class CheckpointError(ValueError):
     """The checkpoint folder holds another run's checkpoint, or a file that is not one."""
-
-STATE = "state.json"
 
 
 def requests_digest(requests: list[EditRequest]) -> str:

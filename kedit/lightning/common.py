@@ -156,6 +156,19 @@ class EditorCheckpointMixin:
         return save_artifact(path, self.editor_name, tensors, self.editor_hparams(), self.base_identity(), extra)
 
 
+def warn_unused_neighbours(module: LightningModule) -> None:
+    """Log a warning when the data module was given ``neighbours`` that ``module``'s loss ignores.
+
+    Only MEND's locality loss uses :class:`~kedit.lightning.data.EditDataModule`'s same-relation
+    neighbours (``USES_NEIGHBOURS``); for the others the extra prompts would be loaded for nothing.
+    """
+    data = getattr(module.trainer, "datamodule", None)
+    n = getattr(data, "neighbours", 0)
+    if n and not getattr(module, "USES_NEIGHBOURS", False):
+        log.warning("%s ignores EditDataModule(neighbours=%d): only MEND's locality loss uses "
+                    "same-relation neighbours", type(module).__name__, n)
+
+
 class HypernetModule(EditorCheckpointMixin, LightningModule):
     """What the gradient-hypernetwork editors' modules (MEND, MALMEN) share: the frozen base model,
     its identity, the editor view of the hypernetwork, export, and the validation metrics.
@@ -170,6 +183,8 @@ class HypernetModule(EditorCheckpointMixin, LightningModule):
     Editor: type = object
     VAL_SCORE = ("edit_success", "paraphrase_success", "locality")
     """Metrics whose harmonic mean is logged as ``val/score`` (for ModelCheckpoint's ``monitor``)."""
+    USES_NEIGHBOURS = False
+    """Whether the training loss uses the data module's same-relation ``neighbours`` (MEND's does)."""
 
     def __init__(self, model: str, editor: Any, dtype: str) -> None:
         super().__init__()
@@ -189,6 +204,9 @@ class HypernetModule(EditorCheckpointMixin, LightningModule):
     def net(self) -> nn.Module:
         """The hypernetwork (``names``: the edited weights)."""
         raise NotImplementedError
+
+    def on_fit_start(self) -> None:
+        warn_unused_neighbours(self)
 
     # keep the frozen base in eval mode (no dropout) whatever Lightning asks
     def train(self, mode: bool = True):

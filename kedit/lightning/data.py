@@ -166,6 +166,7 @@ class EditDataModule(LightningDataModule):
             neighbours: Same-relation neighbours per training edit (other records of the same
                 template, with their true answers) whose predictions MEND's locality loss keeps,
                 beside the record's own locality prompt; 0: none. Validation keeps one locality prompt.
+                MALMEN and SERAC ignore them (and log a warning when fitting).
         """
         super().__init__()
         # str, not Path: checkpoints hold the hyperparameters and are read with weights_only=True

@@ -46,6 +46,7 @@ class MENDModule(HypernetModule):
     artifact_prefix = "mend."
     Hparams = MENDHparams
     Editor = MEND
+    USES_NEIGHBOURS = True  # the locality KL covers them (EditDataModule(neighbours=N))
 
     def __init__(self, model: str = "smollm2-135m", editor: MENDHparams | None = None,
                  dtype: str = "float32") -> None:

@@ -38,7 +38,7 @@ from torch.func import functional_call
 
 from kedit.data.encode import IGNORE, target_ids
 from kedit.editors.serac import SERAC, ScopeClassifier, SERACHparams, cf_prefix, descriptor_of
-from kedit.lightning.common import EditorCheckpointMixin, load_base
+from kedit.lightning.common import EditorCheckpointMixin, load_base, warn_unused_neighbours
 from kedit.models import arch_of
 from kedit.utils import pad_id, peak_memory_mb, peak_rss_mb
 
@@ -371,6 +371,7 @@ class SERACModule(EditorCheckpointMixin, LightningModule):
     def on_fit_start(self) -> None:
         import time
 
+        warn_unused_neighbours(self)
         self._fit_start = time.perf_counter()
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
