@@ -26,6 +26,7 @@ from contract_settings import paper_editor
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = ROOT / "checkpoints" / "mend-smollm2-135m-counterfact.safetensors"
 LOCAL = ROOT / "checkpoints" / "mend-smollm2-135m-counterfact-local.safetensors"  # c_loc 10: the local point
+ZSRE = ROOT / "checkpoints" / "mend-smollm2-135m-zsre.safetensors"  # trained on zsRE questions (GPU run)
 REQ = {"prompt": "The capital of France is", "target_new": "Rome", "subject": "France"}
 
 
@@ -350,13 +351,16 @@ def test_cli_fast_dev_run_and_export(tmp_path):
 
 
 @pytest.mark.real_model
-@pytest.mark.parametrize("path", [SHIPPED, LOCAL], ids=["default", "local"])
-def test_shipped_editor_one_shot_edit(smollm2, path):
+@pytest.mark.parametrize(("path", "req"), [
+    (SHIPPED, {"prompt": "The capital of France is", "target_new": "Rome"}),
+    (LOCAL, {"prompt": "The capital of France is", "target_new": "Rome"}),
+    (ZSRE, {"prompt": "What is the capital of France?", "target_new": "Rome"}),  # zsRE's question form
+], ids=["default", "local", "zsre"])
+def test_shipped_editor_one_shot_edit(smollm2, path, req):
     model, tok = smollm2
     if not path.is_file():
         pytest.skip(f"{path} not shipped")
     editor = kedit.load_editor(path, model=model)
-    req = {"prompt": "The capital of France is", "target_new": "Rome"}
     p0 = logp(model, tok, req)
     edit = editor.edit(model, tok, req)
     with edit.applied(model):
