@@ -89,9 +89,7 @@ def run(args, model, tok, editor_name: str, reqs: list, report: dict, pre=None):
         from kedit.paths import cache_dir
 
         checkpoint = cache_dir() / "bench_lifelong" / name
-        cfg.checkpoint_every = args.checkpoint_every
-        if (checkpoint / "state.json").is_file():  # the curve so far is in the checkpoint
-            curve[:] = json.loads((checkpoint / "state.json").read_text())["curves"]
+        cfg.checkpoint_every = args.checkpoint_every  # a resumed run replays its saved points through save_point
     t0 = time.perf_counter()
     res = evaluate(model, tok, editor, reqs, mode="sequential", batch_size=args.per_edit, config=cfg,
                    on_curve=save_point, reuse_pre=pre, checkpoint=checkpoint)

@@ -337,9 +337,11 @@ def test_sequential_checkpoint_resumes_as_one_run(tiny, ppl_text, tmp_path):
     assert saved["done"] == 3 and [c["n_edits"] for c in saved["curves"]] == [0, 1, 3]  # the curve point at 3
     assert sorted(p.name for p in folder.iterdir()) == ["stack-3.safetensors", "state.json"]  # stack-2 replaced
     assert len(Edit.load(folder / "stack-3.safetensors").edits) == 3
+    streamed = []
     resumed = evaluate(model, tok, _stopping(Boost(), after=1), REQUESTS, checkpoint=folder, checkpoint_every=2,
-                       **kw)  # one edit left: the stopping editor is called once
+                       on_curve=streamed.append, **kw)  # one edit left: the stopping editor is called once
     assert_state_equal(model, state)
+    assert streamed == resumed.curves and [c["n_edits"] for c in streamed] == [0, 1, 3, 4]  # saved points replayed
     assert not folder.exists()
     assert resumed.meta["resumed_at"] == 3 and whole.meta["resumed_at"] == 0
     assert len(resumed.meta["edit_seconds"]) == 4 and [r["edit_step"] for r in resumed.per_request] == [0, 1, 2, 3]

@@ -130,7 +130,8 @@ def evaluate(
     its pre-edit scores are taken instead of measured again (only the pre-edit references
     for KL / agreement are recomputed). Comparing several editors, this halves the work.
     ``on_curve(point)``: sequential mode, called with each retention/perplexity curve point as
-    it is measured (to save partial results of long runs).
+    it is measured (to save partial results of long runs); a resumed run first calls it with
+    each point restored from the checkpoint, in order, so it sees the whole curve either way.
     ``checkpoint``: sequential mode, a folder where the run is saved at its curve points (and
     every ``checkpoint_every`` requests) and from which a run with the same requests, editor
     and settings resumes (:mod:`kedit.eval.resume`); its files are removed when the run ends.
@@ -300,6 +301,9 @@ class _Run:
         for record, fields in zip(self.records, saved.records):
             record.update(fields)
         self.curves = list(saved.curves)
+        if self.on_curve is not None:
+            for point in self.curves:  # measured by the stopped run: replayed so the caller sees the whole curve
+                self.on_curve(point)
         self.resumed_at, self.resumed_seconds = saved.done, saved.seconds
         self.t_start -= saved.seconds
         self.bar.update(saved.done)
