@@ -12,6 +12,7 @@ this module.
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 from torch import nn
@@ -81,7 +82,8 @@ def tiny_config(family: str, vocab_size: int, **overrides):
 
 def tiny_model(family: str = "llama", seed: int = 0, **overrides) -> tuple[nn.Module, object]:
     """(model, tokenizer) of a tiny randomly initialized model of ``family``, in eval mode;
-    ``overrides`` go to its config (e.g. ``initializer_range``)."""
+    ``overrides`` go to its config (e.g. ``initializer_range``). The model is on the CPU, or on
+    ``$KEDIT_TEST_DEVICE`` when set (``cuda``: the test suite's editors then run on a GPU)."""
     import transformers as tf
 
     tok = tiny_tokenizer()
@@ -91,6 +93,9 @@ def tiny_model(family: str = "llama", seed: int = 0, **overrides) -> tuple[nn.Mo
     cls = tf.AutoModelForSeq2SeqLM if family == "t5" else tf.AutoModelForCausalLM
     model = cls.from_config(config, dtype=torch.float32)
     model.config._name_or_path = f"tiny-{family}"
+    device = os.environ.get("KEDIT_TEST_DEVICE")
+    if device:
+        model.to(device)
     return model.eval(), tok
 
 

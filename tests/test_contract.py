@@ -91,6 +91,7 @@ def target_logprob(model, tok, requests=REQUESTS) -> torch.Tensor:
     """Summed log P(target_new | prompt) per request."""
     seq2seq = arch_of(model).encoder_decoder
     batch = encode(tok, [r["prompt"] for r in requests], [r["target_new"] for r in requests], seq2seq=seq2seq)
+    batch = {k: v.to(model.device) if torch.is_tensor(v) else v for k, v in batch.items()}  # $KEDIT_TEST_DEVICE
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
     if seq2seq:
         inputs["labels"] = batch["labels"]
@@ -102,7 +103,8 @@ def target_logprob(model, tok, requests=REQUESTS) -> torch.Tensor:
 def logits(model, tok) -> torch.Tensor:
     batch = encode(tok, [r["prompt"] for r in REQUESTS])
     with torch.no_grad():
-        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        return model(input_ids=batch["input_ids"].to(model.device),
+                     attention_mask=batch["attention_mask"].to(model.device)).logits
 
 
 def snapshot(model) -> dict:
@@ -132,9 +134,10 @@ def case(request):
     # a mix of trainable flags, so an editor that resets them is caught
     model.get_input_embeddings().weight.requires_grad_(False)
     first = encode(tok, [r["prompt"] for r in REQUESTS], [r["target_new"] for r in REQUESTS])
+    first = {k: v.to(model.device) if torch.is_tensor(v) else v for k, v in first.items()}  # $KEDIT_TEST_DEVICE
     with torch.no_grad():
         out = model(input_ids=first["input_ids"], attention_mask=first["attention_mask"]).logits
-    rows = torch.arange(len(REQUESTS))
+    rows = torch.arange(len(REQUESTS), device=model.device)
     top = out[rows, first["prompt_len"] - 1].argmax(-1)
     assert (top != first["labels"][rows, first["prompt_len"]]).all(), "the tiny model already predicts a target"
     editor = make_editor(name, variant, model, tok)
@@ -257,7 +260,7 @@ def test_bf16_restore_is_bit_exact():
     edit = _delta_for(model, "llama", scale=3e-3)
     name = edit.names[0]
     w = dict(model.named_parameters())[name].detach().clone()
-    d = edit.delta(name).to(torch.bfloat16)
+    d = edit.delta(name).to(w.device, torch.bfloat16)
     assert not torch.equal(w + d - d, w), "the test needs a delta whose subtraction would not restore"
     with edit.applied(model):
         assert not torch.equal(dict(model.named_parameters())[name], w)
@@ -299,7 +302,7 @@ def test_low_rank_factors_follow_storage_orientation():
         arch = arch_of(model)
         module = model.get_submodule(arch.mlp_out_module(0))
         d_in, d_out = arch.mlp_dims(model, 0)
-        u, v, x = torch.randn(d_out, 1), torch.randn(d_in, 1), torch.randn(2, d_in)
+        u, v, x = (torch.randn(*shape, device=model.device) for shape in ((d_out, 1), (d_in, 1), (2, d_in)))
         name = arch.mlp_out_weight(0)
         edit = WeightDelta(factors={name: arch.low_rank_factors(u, v)}, base=base_identity(model, [name]))
         with torch.no_grad():
@@ -333,6 +336,6 @@ def test_stack_round_trip_and_rollback(tmp_path):
 
 
 def logits_any(model) -> torch.Tensor:
-    ids = torch.arange(1, 9).unsqueeze(0)
+    ids = torch.arange(1, 9, device=model.device).unsqueeze(0)
     with torch.no_grad():
         return model(input_ids=ids).logits
