@@ -90,8 +90,8 @@ CASES = [(e, "paper", f) for e in sorted(EDITORS) for f in FAMILIES] + [
 def target_logprob(model, tok, requests=REQUESTS) -> torch.Tensor:
     """Summed log P(target_new | prompt) per request."""
     seq2seq = arch_of(model).encoder_decoder
-    batch = encode(tok, [r["prompt"] for r in requests], [r["target_new"] for r in requests], seq2seq=seq2seq)
-    batch = {k: v.to(model.device) if torch.is_tensor(v) else v for k, v in batch.items()}  # $KEDIT_TEST_DEVICE
+    batch = encode(tok, [r["prompt"] for r in requests], [r["target_new"] for r in requests], seq2seq=seq2seq,
+                   device=model.device)  # $KEDIT_TEST_DEVICE
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
     if seq2seq:
         inputs["labels"] = batch["labels"]
@@ -101,10 +101,9 @@ def target_logprob(model, tok, requests=REQUESTS) -> torch.Tensor:
 
 
 def logits(model, tok) -> torch.Tensor:
-    batch = encode(tok, [r["prompt"] for r in REQUESTS])
+    batch = encode(tok, [r["prompt"] for r in REQUESTS], device=model.device)
     with torch.no_grad():
-        return model(input_ids=batch["input_ids"].to(model.device),
-                     attention_mask=batch["attention_mask"].to(model.device)).logits
+        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
 
 
 def snapshot(model) -> dict:
@@ -133,8 +132,8 @@ def case(request):
     model, tok = tiny(family)
     # a mix of trainable flags, so an editor that resets them is caught
     model.get_input_embeddings().weight.requires_grad_(False)
-    first = encode(tok, [r["prompt"] for r in REQUESTS], [r["target_new"] for r in REQUESTS])
-    first = {k: v.to(model.device) if torch.is_tensor(v) else v for k, v in first.items()}  # $KEDIT_TEST_DEVICE
+    first = encode(tok, [r["prompt"] for r in REQUESTS], [r["target_new"] for r in REQUESTS],
+                   device=model.device)  # $KEDIT_TEST_DEVICE
     with torch.no_grad():
         out = model(input_ids=first["input_ids"], attention_mask=first["attention_mask"]).logits
     rows = torch.arange(len(REQUESTS), device=model.device)
