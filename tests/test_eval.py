@@ -284,6 +284,24 @@ def test_modes_pure_restore_and_improve(tiny, ppl_text, mode, batch_size):
         assert res.curves == []
 
 
+def test_ppl_every_measures_perplexity_after_some_edits_only(tiny, ppl_text):
+    model, tok = tiny("llama")
+    every = evaluate(model, tok, Boost(), REQUESTS, mode="single", ppl_path=ppl_text, generation=False, **CFG)
+    sparse = evaluate(model, tok, Boost(), REQUESTS, mode="single", ppl_path=ppl_text, generation=False,
+                      ppl_every=3, **CFG)
+    ppl = [r["post"]["general/ppl"] for r in sparse.per_request]
+    assert math.isfinite(ppl[0]) and math.isfinite(ppl[3]) and math.isnan(ppl[1]) and math.isnan(ppl[2])
+    # the measured ones are the same numbers, and the pooled perplexity is over them only
+    full = [r["post"]["general/ppl"] for r in every.per_request]
+    assert (ppl[0], ppl[3]) == (full[0], full[3])
+    assert min(ppl[0], ppl[3]) <= sparse.summary["post"]["general/ppl"] <= max(ppl[0], ppl[3])
+    batched = evaluate(model, tok, Boost(), REQUESTS, mode="batch", batch_size=1, ppl_path=ppl_text,
+                       generation=False, ppl_every=2, **CFG)
+    assert [math.isfinite(r["post"]["general/ppl"]) for r in batched.per_request] == [True, False, True, False]
+    with pytest.raises(ValueError, match="ppl_every must be >= 1"):
+        EvalConfig(ppl_every=0)
+
+
 def test_sequential_is_stacked_not_independent(tiny, ppl_text):
     # Boost's edits add up on the same LM-head rows: with stacking, request 0's target gets the
     # delta of request 0 and the state after it; post scores come from the whole stack

@@ -71,6 +71,10 @@ class EvalConfig:
     """Documents of held text used for perplexity."""
     ppl_tokens: int = 256
     """Tokens per document used for perplexity."""
+    ppl_every: int = 1
+    """Single and batch modes: measure the post-edit perplexity after the 1st, (1+k)th, (1+2k)th...
+    edit only (k = ``ppl_every``; 1: after every edit). On a CPU it is the largest part of a single-mode
+    run's scoring. The post-edit perplexity pools the edits measured; the others' records hold NaN."""
     curve_every: int = 0
     """Sequential mode: record the retention/perplexity curve every this many edited requests (0: ~10 points)."""
     curve_at: list[int] | None = None
@@ -92,6 +96,10 @@ class EvalConfig:
     """Check after each restore that the model is bit-exactly what it was (its fingerprint,
     :func:`kedit.identity.fingerprint`), and compare a digest of all weights at the start and
     the end: the cheap per-row digest, or a full sha256 with ``KEDIT_FULL_HASH=1``."""
+
+    def __post_init__(self) -> None:
+        if self.ppl_every < 1:
+            raise ValueError(f"EvalConfig.ppl_every must be >= 1 (1: after every edit), got {self.ppl_every}")
 
 
 CURVE_FULL = ("paraphrase/es", "paraphrase/acc", "paraphrase/gen", "neighborhood/ns", "neighborhood/agree",
@@ -219,7 +227,7 @@ class _Run:
             pre, refs = self._pre(group)
             for i, a, ref in zip(group, pre, refs):
                 edit = self._edit([i])
-                (b,), ppl = self._post(edit, [i], [ref], [i], with_ppl=True)
+                (b,), ppl = self._post(edit, [i], [ref], [i], with_ppl=i % self.cfg.ppl_every == 0)
                 self._done(i, a, b, ppl)
                 ppls.append(ppl)
         return _pooled(ppls)
@@ -228,13 +236,14 @@ class _Run:
         """Chunks of ``step`` requests, one edit each, scored in sub-groups of ``eval_group``
         (pre-edit references of a sub-group only are held in memory)."""
         ppls = []
-        for chunk in chunks(range(len(self.reqs)), step):
+        for k, chunk in enumerate(chunks(range(len(self.reqs)), step)):
             edit = self._edit(chunk)
             scored = []
             subs = chunks(chunk, self.cfg.eval_group)
             for sub in subs:
                 pre, refs = self._pre(sub)
-                post, ppl = self._post(edit, sub, refs, chunk, with_ppl=sub is subs[-1])
+                post, ppl = self._post(edit, sub, refs, chunk,
+                                       with_ppl=sub is subs[-1] and k % self.cfg.ppl_every == 0)
                 scored += zip(sub, pre, post)
             for i, a, b in scored:
                 self._done(i, a, b, ppl)
@@ -368,9 +377,11 @@ class _Run:
             log.info("sequential: %d edits: %s", n_edits, point)
         return ppl, seen
 
-    def _done(self, i: int, pre: dict[str, float], post: dict[str, float], ppl_post: tuple[float, int]) -> None:
+    def _done(self, i: int, pre: dict[str, float], post: dict[str, float],
+              ppl_post: tuple[float, int] | None) -> None:
+        """Record request ``i``'s scores; ``ppl_post`` None: perplexity not measured after its edit."""
         pre["general/ppl"] = M.perplexity(*self.ppl_pre)
-        post["general/ppl"] = M.perplexity(*ppl_post)
+        post["general/ppl"] = float("nan") if ppl_post is None else M.perplexity(*ppl_post)
         self.records[i].update(pre=pre, post=post)
         if self.on_result is not None:
             self.on_result(i, self.records[i])
@@ -450,9 +461,10 @@ def _as_requests(requests: Any) -> list[EditRequest]:
     return as_requests(requests)
 
 
-def _pooled(ppls: list[tuple[float, int]]) -> tuple[float, int]:
-    """Perplexities measured after several edits, pooled: summed NLL and summed tokens."""
-    return sum(p[0] for p in ppls), sum(p[1] for p in ppls)
+def _pooled(ppls: list[tuple[float, int] | None]) -> tuple[float, int]:
+    """Perplexities measured after several edits, pooled: summed NLL and summed tokens (None: not measured)."""
+    got = [p for p in ppls if p is not None]
+    return sum(p[0] for p in got), sum(p[1] for p in got)
 
 
 def _curve_checkpoints(n: int, step: int, every: int, at: Sequence[int] | None = None) -> set[int]:
@@ -474,7 +486,7 @@ def _curve_checkpoints(n: int, step: int, every: int, at: Sequence[int] | None =
 
 
 # EvalConfig fields that change no score (a reuse or a resume may differ in them)
-_NOT_SCORING = ("curve_every", "curve_generation", "eval_group", "check_restore", "checkpoint_every")
+_NOT_SCORING = ("curve_every", "curve_generation", "eval_group", "check_restore", "checkpoint_every", "ppl_every")
 
 # EvalConfig switches whose scores a run may skip while reusing pre-edit scores that include them
 _OPTIONAL_SCORES = {"fluency": "fluency/", "perplexity": "general/ppl"}
