@@ -21,7 +21,7 @@ from kedit.editors.malmen import MALMEN, MALMENHparams, answer_rows, ridge_matri
 from kedit.editors.mend import MEND
 from kedit.testing import tiny_model
 
-from test_mend import _cli, _data, _ddp_args, _hypernet, _trainer
+from test_mend import _cli, _data, _ddp_args, _hypernet, _trainer, logp
 
 CONFIG = "configs/malmen/tiny-llama.yaml"
 
@@ -116,18 +116,18 @@ def test_least_squares_beats_summed_shifts_for_many_edits(family):
     requests = load_requests("counterfact-sample")[:48]
     batch = encode(tok, [r.prompt for r in requests], [r.target_new for r in requests])
 
-    def logp() -> torch.Tensor:
+    def batch_logp() -> torch.Tensor:
         with torch.no_grad():
             return target_logprobs(model(**model_inputs(batch)).logits, batch["labels"])[0]
 
-    before = logp()
+    before = batch_logp()
     best = {}
     for cls in (MALMEN, MEND):
         gains = []
         for lr in (0.1, 0.3, 1.0, 3.0):
             edit = cls(edit_lr=lr, rank=8, num_last_layers=3, weights=["mlp_out"]).edit(model, tok, requests)
             with edit.applied(model):
-                gains.append((logp() - before).mean().item())
+                gains.append((batch_logp() - before).mean().item())
         best[cls.name] = max(gains)
     assert best["malmen"] > 1.2 * best["mend"] > 0, best
 
@@ -250,8 +250,6 @@ SHIPPED = Path(__file__).resolve().parents[1] / "checkpoints" / "malmen-smollm2-
 @pytest.mark.real_model
 def test_shipped_editor_edits_a_batch_in_one_shift(smollm2):
     """The shipped MALMEN editor: one WeightDelta for three CounterFact-style facts, each one moved."""
-    from test_mend import logp
-
     model, tok = smollm2
     if not SHIPPED.is_file():
         pytest.skip(f"{SHIPPED} not shipped")

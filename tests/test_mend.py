@@ -352,8 +352,8 @@ def test_cli_fast_dev_run_and_export(tmp_path):
 
 @pytest.mark.real_model
 @pytest.mark.parametrize(("path", "req"), [
-    (SHIPPED, {"prompt": "The capital of France is", "target_new": "Rome"}),
-    (LOCAL, {"prompt": "The capital of France is", "target_new": "Rome"}),
+    (SHIPPED, REQ),
+    (LOCAL, REQ),
     (ZSRE, {"prompt": "What is the capital of France?", "target_new": "Rome"}),  # zsRE's question form
 ], ids=["default", "local", "zsre"])
 def test_shipped_editor_one_shot_edit(smollm2, path, req):
