@@ -39,6 +39,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--tag", default="", help="suffix of the result files")
     p.add_argument("--note", default="", help="a line for the markdown (e.g. how long the editor was trained)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--out", type=Path, default=OUT, help="folder of the result files")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     torch.set_num_threads(args.threads)
@@ -48,7 +50,7 @@ def main() -> None:
     from kedit.data import load_requests
 
     data = paths.data_dir(required=True) / "counterfact" / "counterfact_dev_rome.json"
-    model, tok = kedit.load_model("smollm2-135m")
+    model, tok = kedit.load_model("smollm2-135m", device=args.device)
     trained = kedit.load_editor(args.editor, model=model)
     editors = {"malmen": trained}
     if args.mend:
@@ -73,7 +75,7 @@ def run(args, model, tok, editors, reqs, meta) -> None:
         pre = pre or res
         payload[name] = {"results": res.to_dict(), "wall_s": time.perf_counter() - t0}
         done.append((name, res))
-        write(f"malmen_batch_{n}{args.tag}", payload, to_markdown(args, n, done))
+        write(args.out, f"malmen_batch_{n}{args.tag}", payload, to_markdown(args, n, done))
 
 
 def to_markdown(args, n: int, done: list) -> str:
@@ -92,10 +94,10 @@ def to_markdown(args, n: int, done: list) -> str:
     return "\n".join(md)
 
 
-def write(name: str, payload: dict, md: str) -> None:
-    OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / f"{name}.json").write_text(json.dumps(payload, indent=1, default=str))
-    (OUT / f"{name}.md").write_text(md + "\n")
+def write(out: Path, name: str, payload: dict, md: str) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(payload, indent=1, default=str))
+    (out / f"{name}.md").write_text(md + "\n")
     print(md)
 
 
