@@ -46,7 +46,7 @@ from kedit.atomic import read_cache, write_cache
 from kedit.data.encode import IGNORE, encode, target_logprobs
 from kedit.data.request import EditRequest
 from kedit.editors.base import Edit
-from kedit.editors.locate import (LocateHparams, Row, _cache_kwarg, _out_cache, frozen, rewrite_rows,
+from kedit.editors.locate import (LocateHparams, Row, _cache_kwarg, _out_cache, frozen, progress, rewrite_rows,
                                   subject_last_index, unapplied)
 from kedit.hooks import run_until, skip, trace
 from kedit.models.arch import arch_of
@@ -277,7 +277,7 @@ def estimate_anchor(model: nn.Module, tokenizer, requests: Sequence[EditRequest]
     """NAS's anchor: the trimmed mean of ``‖v0 + δ‖`` over pilot ``requests``, each ``δ`` optimized
     at ``module`` on the bare prompt only (no context templates), KL prompt as set in ``hp``."""
     norms = []
-    for b in range(0, len(requests), hp.v_batch_size):
+    for b in progress(list(range(0, len(requests), hp.v_batch_size)), "NAS anchor", "batch"):
         batch = requests[b:b + hp.v_batch_size]
         vals = optimize_values(model, tokenizer, batch, ["{}"], module, hp)
         norms.append((mlp_outputs(model, tokenizer, batch, layer) + vals.delta).norm(dim=-1))
@@ -311,6 +311,8 @@ def anchor_norm(model: nn.Module, tokenizer, layer: int, module: str, hp: Locate
             if len(pilot) < hp.anchor_samples:
                 log.warning("NAS: %d pilot requests in %s, fewer than anchor_samples=%d",
                             len(pilot), hp.anchor_requests, hp.anchor_samples)
+            log.info("NAS: estimating the anchor at layer %d from %d pilot requests (once per model and "
+                     "layer; cached in %s)", layer, len(pilot), path.parent)
             cached = estimate_anchor(model, tokenizer, pilot, module, layer, hp)
             log.info("NAS: anchor %.4g at layer %d from %d pilot requests", cached, layer, len(pilot))
             write_cache(path, lambda tmp: tmp.write_text(json.dumps({"anchor": cached, **settings}, default=str)),
