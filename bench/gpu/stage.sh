@@ -34,7 +34,6 @@ case ${1:-build} in
     gguf=$(python3 -c "from kedit.models.loading import _smollm2_gguf; print(_smollm2_gguf())")
     sha256sum "$gguf" | cut -d' ' -f1 > .gpu2/gguf.sha256
     tar -cJf .gpu2/data.tar.xz -C "$KEDIT_DATA" zsre counterfact
-    cp bench/gpu/csv.yaml .gpu2/ 2>/dev/null || true
     wheels=$(du -cb .gpu1 | tail -1 | awk '{print int($1/1048576)+1}')
     tree=$(tree_mb) size=$(( $(stat -c %s "$gguf") / 1048576 + 1 ))
     part_a=$(( LIMIT_MB - wheels - tree - 2 ))
