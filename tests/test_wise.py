@@ -113,6 +113,40 @@ def test_router_scores_route_per_row():
     assert score[0] > threshold > score[1]
 
 
+def test_long_inputs_score_by_the_max_unless_max_score_tokens_is_none():
+    """Past ``max_score_tokens`` tokens the inference score is the max over tokens (EasyEdit), with
+    None always the mean; the router reads the rule from the last applied edit."""
+    act = torch.nn.functional.silu
+    main, side = torch.zeros(1, 6, 4), torch.zeros(1, 6, 4)
+    side[0, 2] = 3.0  # one token differs
+    valid = torch.ones(1, 6, dtype=torch.bool)
+    one = torch.linalg.vector_norm(act(side[0, 2]) - act(main[0, 2]))
+    torch.testing.assert_close(act_distance(act, main, side, valid, infer=True, max_tokens=5)[0], one)
+    torch.testing.assert_close(act_distance(act, main, side, valid, infer=True, max_tokens=None)[0], one / 6)
+    torch.testing.assert_close(act_distance(act, main, side, valid, infer=False, max_tokens=5)[0], one / 6)
+
+    model, tok = tiny()
+    long = " ".join([UNRELATED] * 3)  # past 5 tokens
+    before = logits(model, tok, [long])
+    for rule in (5, None):
+        edit = wise(max_score_tokens=rule).edit(model, tok, REQUESTS[0])
+        assert edit.max_score_tokens == rule
+        with edit.applied(model):
+            router, seen = Router.of(model, edit.module), {}
+            handle = router.module.register_forward_hook(lambda _m, args, out: seen.update(a=args[0], out=out),
+                                                         prepend=True)
+            after = logits(model, tok, [long])
+            handle.remove()
+            side_out = side_output(router.arch, router.module, seen["a"], router.memory.current)
+            valid = torch.ones(seen["a"].shape[:2], dtype=torch.bool)
+            score = act_distance(router.act, seen["out"], side_out, valid, infer=True, max_tokens=rule)[0]
+            routed = bool(score > edit.act_ratio * router.memory.epsilon)
+        # the router decided by the edit's rule: the main memory's logits bit for bit unless routed
+        assert torch.equal(after, before) == (not routed), (rule, float(score))
+        if rule is None:
+            assert score == act_distance(router.act, seen["out"], side_out, valid)[0]  # the training mean
+
+
 def test_shard_masks_are_random_bernoulli_and_seeded():
     shape = (64, 256)
     m0, m1 = shard_mask(shape, 0, 0, 0.2), shard_mask(shape, 0, 1, 0.2)
@@ -211,6 +245,7 @@ def test_save_load_round_trip(sequence, tmp_path):
     path = stack.save(tmp_path / "wise.safetensors")
     loaded = Edit.load(path, model=model)
     assert [type(e) for e in loaded.edits] == [WISEEdit] * 3 and loaded.edits[1].merged is not None
+    assert [e.max_score_tokens for e in loaded.edits] == [e.max_score_tokens for e in stack.edits]
     prompts = [r["prompt"] for r in REQUESTS] + [UNRELATED]
     with stack.applied(model):
         want = logits(model, tok, prompts)

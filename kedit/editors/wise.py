@@ -86,7 +86,8 @@ AUTO_DEPTH = 27 / 32
 """EasyEdit edits ``layers[27].mlp.down_proj`` of LLaMA-2-7B's 32 blocks; "auto" keeps that depth."""
 ROUTER_ATTR = "_kedit_wise_router"
 INFER_MAX_TOKENS = 100
-"""At inference, longer sequences score by the max over tokens instead of the mean (EasyEdit)."""
+"""At inference, longer sequences score by the max over tokens instead of the mean (EasyEdit;
+:attr:`WISEHparams.max_score_tokens`)."""
 
 
 @dataclass
@@ -117,6 +118,10 @@ class WISEHparams:
     """c: the side memory stays within ``W_v ± c`` element-wise."""
     act_ratio: float = 0.88
     """The router's threshold is ``act_ratio`` times the least in-scope score of the edits (ε)."""
+    max_score_tokens: int | None = INFER_MAX_TOKENS
+    """At inference, inputs longer than this many tokens score by the max over tokens instead of the mean
+    (EasyEdit: 100); None: always the mean. The max of a per-token score grows with the length, while ε
+    is set on short edit prompts, so long inputs tend to route to the side memory whatever they say."""
     save_freq: int = 500
     """Edits per shard: then the shard is kept for merging and a new one starts from ``W_v``."""
     merge_freq: int = 1000
@@ -157,11 +162,12 @@ def shard_mask(shape: tuple[int, ...], seed: int, shard: int, ratio: float, devi
 
 
 def act_distance(act: Callable[[Tensor], Tensor], main: Tensor, side: Tensor, valid: Tensor,
-                 infer: bool = False) -> Tensor:
+                 infer: bool = False, max_tokens: int | None = INFER_MAX_TOKENS) -> Tensor:
     """Eq. 3 (code form): per row, the mean over real tokens of ``‖φ(main) − φ(side)‖₂``; at inference
-    on sequences longer than 100 tokens, the max (EasyEdit). ``valid`` (B, T) marks real tokens."""
+    on sequences longer than ``max_tokens`` tokens (EasyEdit: 100; None: never), the max. ``valid``
+    (B, T) marks real tokens."""
     dist = torch.linalg.vector_norm(act(main.float()) - act(side.float()), dim=-1)  # (B, T)
-    if infer and dist.shape[1] > INFER_MAX_TOKENS:
+    if infer and max_tokens is not None and dist.shape[1] > max_tokens:
         return dist.masked_fill(~valid, -math.inf).amax(-1)
     return (dist * valid).sum(-1) / valid.sum(-1).clamp(min=1)
 
@@ -322,9 +328,11 @@ class Router:
         a = args[0]
         valid = self.valid(a)
         sides = torch.stack([side_output(self.arch, module, a, m) for m in self.memory.memories])
-        scores = torch.stack([act_distance(self.act, out, s, valid, infer=True) for s in sides])  # (K, B)
+        last = self.edits[-1]
+        scores = torch.stack([act_distance(self.act, out, s, valid, infer=True, max_tokens=last.max_score_tokens)
+                              for s in sides])  # (K, B)
         top, best = scores.max(0)
-        use = top > self.edits[-1].act_ratio * self.memory.epsilon
+        use = top > last.act_ratio * self.memory.epsilon
         if not use.any():
             return out
         chosen = sides[best, torch.arange(a.shape[0], device=a.device)]
@@ -360,6 +368,9 @@ class WISEEdit(Edit):
     """Identity of the main memory (kedit.identity)."""
     merged: Tensor | None = None
     """The merged side memory, when this edit triggers a TIES merge."""
+    max_score_tokens: int | None = INFER_MAX_TOKENS
+    """The router's rule for long inputs (:attr:`WISEHparams.max_score_tokens`), as act_ratio: the last
+    applied edit's value holds."""
     info: dict[str, Any] = field(default_factory=dict)
     kind: ClassVar[str] = "wise"
     _router: Router | None = field(default=None, repr=False)
@@ -413,7 +424,8 @@ class WISEEdit(Edit):
     def state(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
         tensors = {"values": self.values} | ({} if self.merged is None else {"merged": self.merged})
         meta = {f: getattr(self, f) for f in ("weight", "module", "position", "shard", "score", "saves",
-                                               "mask_seed", "mask_ratio", "act_ratio", "base", "info")}
+                                               "mask_seed", "mask_ratio", "act_ratio", "max_score_tokens", "base",
+                                               "info")}
         return tensors, {**meta, "shape": list(self.shape)}
 
     @classmethod
@@ -426,6 +438,8 @@ class WISEEdit(Edit):
             ("saves", bool), ("mask_seed", int), ("mask_ratio", (int, float)), ("act_ratio", (int, float)),
             ("shape", list))}
         fields["shape"] = tuple(fields["shape"])
+        if "max_score_tokens" in meta:  # absent from edits saved before the field existed: EasyEdit's 100
+            fields["max_score_tokens"] = require(meta, "max_score_tokens", (int, type(None)))
         return cls(**fields, values=tensors["values"], merged=tensors.get("merged"), base=require_base(meta),
                    info=require(meta, "info", dict) if "info" in meta else {})
 
@@ -468,7 +482,8 @@ class WISE(Editor):
                  loss, score, ", merged" if merged is not None else "")
         return WISEEdit(weight=weight, module=module_name, position=memory.n, shard=shard, values=side[mask],
                         score=score, saves=n % hp.save_freq == 0, shape=tuple(W_v.shape), mask_seed=hp.mask_seed,
-                        mask_ratio=hp.mask_ratio, act_ratio=hp.act_ratio, base=identity(model, [weight]),
+                        mask_ratio=hp.mask_ratio, act_ratio=hp.act_ratio, max_score_tokens=hp.max_score_tokens,
+                        base=identity(model, [weight]),
                         merged=merged, info={"editor": self.name, "layer": layer, "steps": steps, "loss": loss,
                                              "n_requests": len(requests), "hparams": dataclasses.asdict(hp)})
 
