@@ -99,7 +99,8 @@ def table(results: dict[str, dict], n: int) -> str:
     lines = [f"### WISE's router after {n} sequential zsRE edits, SmolLM2-135M",
              "", "Share routed to the side memory at act_ratio " + " / ".join(f"{r:g}" for r in RATIOS)
              + " (threshold act_ratio · ε), and the scores' quartiles (min, 25%, median, 75%, max).", "",
-             "| run | ε | final loss (median) | input | n | routed | scores |", "| --- | ---: | ---: | --- | ---: | --- | --- |"]
+             "| run | ε | final loss (median) | input | n | routed | scores |",
+             "| --- | ---: | ---: | --- | ---: | --- | --- |"]
     for name, res in results.items():
         eps = res["epsilon"]
         loss = sorted(res["loss"])[len(res["loss"]) // 2]
