@@ -1,8 +1,10 @@
 """WISE's router on SmolLM2 (issue 18): after N sequential zsRE edits, where do its scores fall?
 
     export KEDIT_DATA=/work/shared/data OMP_NUM_THREADS=1
-    python bench/wise_routing.py --n 20 --runs 'paper-margins={}' 'lr 0.3={"lr": 0.3}' 'gamma 30={"gamma": 30}' \\
-        'x_i from NQ={"irrelevant_corpus": "nq"}' --name wise_routing_20
+    python bench/wise_routing.py --n 20 --name wise_routing_20 --runs \\
+        'paper margins, lr 1={"max_score_tokens": 100}' 'lr 0.3={"lr": 0.3, "max_score_tokens": 100}' \\
+        'gamma 30={"gamma": 30, "max_score_tokens": 100}' \\
+        'x_i from NQ={"irrelevant_corpus": "nq", "max_score_tokens": 100}'
 
 For each run (``NAME=JSON`` of hyperparameter overrides on ``configs/wise/llama.yaml``): make ``--n``
 WISE edits one at a time on the first valid ``zsre:dev`` records (as ``bench_lifelong.py``), apply
