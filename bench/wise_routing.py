@@ -47,7 +47,7 @@ def nq_texts(n: int = 200) -> list[str]:
 def run(model, tok, reqs: list, overrides: dict) -> dict:
     import kedit
     from kedit import paths
-    from kedit.editors import wise as W
+    from kedit.eval import EvalConfig
     from kedit.eval.scoring import load_texts
 
     if overrides.get("irrelevant_corpus") == "nq":
@@ -65,10 +65,7 @@ def run(model, tok, reqs: list, overrides: dict) -> dict:
     mode = {"max_tokens": rule}
 
     def record(module, args, out):  # the router's own score, computed before it routes
-        a = args[0]
-        valid = router.valid(a)
-        sides = [W.side_output(router.arch, module, a, m) for m in router.memory.memories]
-        scores = torch.stack([W.act_distance(router.act, out, s, valid, infer=True, **mode) for s in sides])
+        _sides, scores = router.scores(module, args[0], out, mode["max_tokens"])
         seen.extend(scores.max(0).values.tolist())
 
     def scores(texts: list[str]) -> list[float]:
@@ -78,7 +75,9 @@ def run(model, tok, reqs: list, overrides: dict) -> dict:
                 model(**tok(t, return_tensors="pt"))
         return list(seen)
 
-    held = [tok.decode(tok(t)["input_ids"][:256]) for t in load_texts(paths.held_text(None), 4)]
+    cfg = EvalConfig()  # the perplexity metric's held documents and cut
+    held = [tok.decode(tok(t)["input_ids"][:cfg.ppl_tokens])
+            for t in load_texts(paths.held_text(cfg.ppl_path), cfg.ppl_docs)]
     cats = {"rewrite": [f"{r.prompt} {r.target_new}" for r in reqs],
             "paraphrase": [f"{p} {r.target_new}" for r in reqs for p in r.paraphrase_prompts[:1]],
             "nq": [f"{p.prompt} {p.answer}" for r in reqs for p in r.neighborhood[:1]],

@@ -324,13 +324,18 @@ class Router:
         return mask[:, -T:].to(device=a.device, dtype=torch.bool)
 
     @torch.no_grad()
-    def route(self, module: nn.Module, args: tuple, out: Tensor) -> Tensor:
-        a = args[0]
+    def scores(self, module: nn.Module, a: Tensor, out: Tensor, max_tokens: int | None) -> tuple[Tensor, Tensor]:
+        """Each memory's output on the projection's input ``a`` (K, B, T, d) and its inference score
+        against the main memory's output ``out`` (K, B), long inputs scored by ``max_tokens``'s rule."""
         valid = self.valid(a)
         sides = torch.stack([side_output(self.arch, module, a, m) for m in self.memory.memories])
-        last = self.edits[-1]
-        scores = torch.stack([act_distance(self.act, out, s, valid, infer=True, max_tokens=last.max_score_tokens)
-                              for s in sides])  # (K, B)
+        return sides, torch.stack([act_distance(self.act, out, s, valid, infer=True, max_tokens=max_tokens)
+                                   for s in sides])
+
+    @torch.no_grad()
+    def route(self, module: nn.Module, args: tuple, out: Tensor) -> Tensor:
+        a, last = args[0], self.edits[-1]
+        sides, scores = self.scores(module, a, out, last.max_score_tokens)
         top, best = scores.max(0)
         use = top > last.act_ratio * self.memory.epsilon
         if not use.any():
