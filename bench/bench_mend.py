@@ -31,6 +31,7 @@ from kedit.data.loaders import load_requests, read_records
 from kedit.eval import evaluate
 from kedit.eval.results import fmt
 
+log = logging.getLogger("bench_mend")
 ROOT = Path(__file__).resolve().parents[1]
 KEYS = ["rewrite/es", "rewrite/exact", "rewrite/gen", "paraphrase/es", "paraphrase/exact", "paraphrase/gen",
         "neighborhood/ns", "neighborhood/agree", "neighborhood/gen", "neighborhood/kl"]
@@ -105,7 +106,7 @@ def main() -> None:
     ap.add_argument("--train-log", default=None, help="metrics.csv of the training run (CSVLogger)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "mend"))
     args = ap.parse_args()
-    logging.basicConfig(level=logging.WARNING)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
 
     device = torch.device(args.device)
     model, tok = kedit.load_model(args.model, device=device)
@@ -122,9 +123,10 @@ def main() -> None:
     timing = time_edits(model, tok, editor, sets["counterfact_dev_rome"], device, args.n_timing)
     report["timing"] = timing
     for name, reqs in sets.items():
+        log.info("%s: %d requests, one edit each, scored before and after", name, len(reqs))
         t = time.perf_counter()
         res = evaluate(model, tok, editor, reqs, mode="single", generation=not args.no_generation, fluency=False,
-                       perplexity=False, progress=False)
+                       perplexity=False, progress=True)
         report["sets"][name] = {"n": len(reqs), "pre": {k: res.summary["pre"].get(k) for k in KEYS},
                                 "post": {k: res.summary["post"].get(k) for k in KEYS},
                                 "seconds": time.perf_counter() - t}
