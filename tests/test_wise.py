@@ -226,14 +226,20 @@ def test_stack_and_restore_in_reverse_is_exact(sequence):
     assert not hasattr(router.module, ROUTER_ATTR)
 
 
-def test_state_comes_from_history_not_the_editor(sequence):
+def test_state_comes_from_history_not_the_editor(sequence, monkeypatch):
     """The same history gives the same edit, whether passed as ``history`` on the unedited model or
-    read from the model's router with the stack applied; the editor object is unchanged."""
+    read from the model's router with the stack applied; the editor object is unchanged. With the
+    stack applied, training does not run the router (the training hook replaces its output)."""
     model, tok, ed, stack, base = sequence
     before = dict(vars(ed))
     from_history = ed.edit(model, tok, REQUESTS[0], history=stack)
+    scored, scores = [], Router.scores
+    monkeypatch.setattr(Router, "scores", lambda self, *a: scored.append(1) or scores(self, *a))
     with stack.applied(model):
         from_model = ed.edit(model, tok, REQUESTS[0])
+        assert not scored
+        logits(model, tok, [UNRELATED])
+        assert scored  # and the applied stack routes again after the edit
     assert vars(ed) == before
     assert from_history.position == from_model.position == 3
     assert torch.equal(from_history.values, from_model.values) and from_history.score == from_model.score

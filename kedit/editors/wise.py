@@ -61,7 +61,8 @@ import functools
 import itertools
 import logging
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
@@ -288,6 +289,7 @@ class Router:
         self.edits: list[WISEEdit] = []
         self.undos: list[tuple] = []
         self.attention: Tensor | None = None
+        self.active = True
         self.handles = [self.module.register_forward_hook(self.route),
                         model.register_forward_pre_hook(self.read_mask, with_kwargs=True)]
         setattr(self.module, ROUTER_ATTR, self)
@@ -309,6 +311,16 @@ class Router:
         for h in self.handles:
             h.remove()
         delattr(self.module, ROUTER_ATTR)
+
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        """The projection's own output while the body runs: WISE's training replaces it anyway, and
+        scoring every kept memory there would cost one side output per memory per step."""
+        active, self.active = self.active, False
+        try:
+            yield
+        finally:
+            self.active = active
 
     def read_mask(self, _model: nn.Module, args: tuple, kwargs: dict) -> None:
         mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
@@ -334,6 +346,8 @@ class Router:
 
     @torch.no_grad()
     def route(self, module: nn.Module, args: tuple, out: Tensor) -> Tensor:
+        if not self.active:
+            return out
         a, last = args[0], self.edits[-1]
         sides, scores = self.scores(module, a, out, last.max_score_tokens)
         top, best = scores.max(0)
@@ -536,9 +550,10 @@ class WISE(Editor):
 
         previous, step, loss = math.inf, 0, math.inf
         below = Replay(model, arch.blocks_below(model, module_name))  # they do not depend on the side memory
+        router = Router.of(model, module_name)  # applied edits' router: its output would be replaced
         handle = module.register_forward_hook(editing)
         try:
-            with frozen(model), torch.enable_grad():
+            with frozen(model), torch.enable_grad(), router.paused() if router else nullcontext():
                 for step in range(1, hp.n_iter + 1):
                     side.requires_grad_(True)
                     with below():
