@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from kedit.data.encode import encode, model_inputs, target_ids, target_logits
@@ -51,6 +52,12 @@ class TargetScores:
 
 
 @torch.no_grad()
+def _batches(items: Sequence, batch_size: int, desc: str) -> Iterable[Sequence]:
+    """``items`` in batches, with a progress bar that appears only when the pass takes more than a
+    few seconds (a curve point of a long sequential run scores thousands of rows)."""
+    return tqdm(chunks(items, batch_size), desc=desc, unit="batch", delay=5, leave=False)
+
+
 def score_targets(model: nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str],
                   targets: Sequence[str], batch_size: int = 32, next_of: Sequence[int] = ()) -> TargetScores:
     """Summed log-prob, correct-token count, length and argmax tokens of each target.
@@ -68,7 +75,7 @@ def score_targets(model: nn.Module, tokenizer: PreTrainedTokenizerBase, prompts:
     logps, corrects, lengths = torch.zeros(n), torch.zeros(n, dtype=torch.long), torch.zeros(n, dtype=torch.long)
     top1: list[Tensor | None] = [None] * n
     nxt: Tensor | None = None
-    for chunk in chunks(range(n), batch_size):
+    for chunk in _batches(range(n), batch_size, "scoring"):
         idx = [order[j] for j in chunk]
         batch = encode(tokenizer, [prompts[i] for i in idx], [targets[i] for i in idx],
                        seq2seq=seq2seq, device=device)
@@ -141,7 +148,7 @@ def generate(model: nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: Sequ
     # so that little of the batch is left padding
     order = sorted(range(len(prompts)), key=lambda i: (budgets[i], len(prompts[i])))
     texts: list[str] = [""] * len(prompts)
-    for idx in chunks(range(len(order)), batch_size):
+    for idx in _batches(range(len(order)), batch_size, "greedy decoding"):
         members = [order[i] for i in idx]
         with _left_padding(tokenizer):
             enc = tokenizer([prompts[i] for i in members], return_tensors="pt", padding=True).to(device)
