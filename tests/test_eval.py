@@ -128,6 +128,7 @@ def test_batched_scoring_and_generation_match_unbatched(tiny):
     prompts = ["The capital of France is", "Toko Yasuda plays", "The Eiffel Tower is located in the city of"]
     targets = ["Rome", "the guitar", "Paris"]
     batched = score_targets(model, tok, prompts, targets, batch_size=3)
+    assert not batched.logp.requires_grad  # scoring builds no autograd graph
     for i in range(3):
         one = score_targets(model, tok, prompts[i:i + 1], targets[i:i + 1], batch_size=1)
         assert one.logp.item() == pytest.approx(batched.logp[i].item(), abs=1e-4)

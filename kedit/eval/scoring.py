@@ -51,13 +51,13 @@ class TargetScores:
     ``next_of`` (in that order), float32 on CPU; None when none were asked for."""
 
 
-@torch.no_grad()
 def _batches(items: Sequence, batch_size: int, desc: str) -> Iterable[Sequence]:
     """``items`` in batches, with a progress bar that appears only when the pass takes more than a
     few seconds (a curve point of a long sequential run scores thousands of rows)."""
     return tqdm(chunks(items, batch_size), desc=desc, unit="batch", delay=5, leave=False)
 
 
+@torch.no_grad()
 def score_targets(model: nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str],
                   targets: Sequence[str], batch_size: int = 32, next_of: Sequence[int] = ()) -> TargetScores:
     """Summed log-prob, correct-token count, length and argmax tokens of each target.
