@@ -8,6 +8,9 @@ torch and nothing else of note (no Lightning, no transformers).
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
 import netrc
 import os
 import resource
@@ -96,6 +99,30 @@ def peak_memory_mb(device: torch.device | str | None = None) -> float:
     if device is not None and device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return peak_rss_mb()
+
+
+@functools.cache
+def _malloc_trim():
+    """glibc's ``malloc_trim``, or None (another C library, or not Linux)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return libc.malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+def release_free_memory() -> bool:
+    """Hand the C heap's free pages back to the system (glibc ``malloc_trim(0)``); False where
+    there is no glibc. Long CPU runs need it: glibc keeps what PyTorch frees between steps, and
+    AlphaEdit's sequential run grew by ~40 MB per edit to 13 GB resident at 475 edits, of which
+    one ``malloc_trim`` released 11.5 GB (it was free memory, not a leak)."""
+    trim = _malloc_trim()
+    if trim is None:
+        return False
+    trim(0)
+    return True
 
 
 # --------------------------------------------------------------------------- W&B

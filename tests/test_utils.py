@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from types import SimpleNamespace
 
 import pytest
@@ -76,3 +77,29 @@ def test_wandb_mode_honours_wandb_login_netrc(monkeypatch, tmp_path):
     monkeypatch.setenv("NETRC", str(tmp_path / "none"))
     monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
     assert utils.wandb_mode() == "online"
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+@pytest.mark.skipif(utils._malloc_trim() is None, reason="needs glibc (malloc_trim)")
+def test_release_free_memory_returns_freed_heap_pages_to_the_system():
+    blocks = [torch.ones(25_000) for _ in range(2_000)]  # 100 KB each: heap chunks, 200 MB touched
+    keep = torch.ones(25_000)  # above them on the heap: free() alone cannot trim the top
+    before = _rss_mb()
+    del blocks
+    assert before - _rss_mb() < 100, "free() handed the chunks back by itself: nothing left to test"
+    assert utils.release_free_memory() is True
+    assert before - _rss_mb() > 100, "malloc_trim handed back less than half of 200 MB of freed chunks"
+    assert keep.sum() == 25_000
+
+
+def test_release_free_memory_is_a_no_op_without_glibc(monkeypatch):
+    utils._malloc_trim.cache_clear()
+    monkeypatch.setattr(utils.sys, "platform", "darwin")
+    try:
+        assert utils.release_free_memory() is False
+    finally:
+        utils._malloc_trim.cache_clear()

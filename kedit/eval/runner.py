@@ -39,7 +39,7 @@ from kedit.eval.results import METRICS, Results
 from kedit.eval.scorer import Ref, Scorer
 from kedit.eval.scoring import model_device
 from kedit.identity import fingerprint, full_hash_default, state_digest
-from kedit.utils import chunks, peak_rss_mb
+from kedit.utils import chunks, peak_rss_mb, release_free_memory
 
 log = logging.getLogger(__name__)
 
@@ -272,6 +272,7 @@ class _Run:
                 else:
                     stack.push(edit)
                     stack.apply(self.model)
+                release_free_memory()  # else glibc keeps each step's freed memory: RSS grows by GBs over long runs
                 end = chunk[-1] + 1
                 if end in points:
                     ppl_post, seen = self._curve_point(end, min(points), refs)  # the last one is at n
