@@ -11,7 +11,7 @@ import torch
 
 from kedit.app.core import Workbench, editor_choices
 from kedit.data import RequestError
-from kedit.editors import EditMismatchError, WeightDelta
+from kedit.editors import EditMismatchError, EditStack, WeightDelta
 from kedit.eval.runner import fingerprint
 
 # FT-M on the first layer with a large step: a visible edit of a tiny model in well under a second
@@ -132,19 +132,25 @@ def test_two_sessions_never_see_a_half_restored_stack(wb, monkeypatch):
     wb.apply("ft-m", FAST, fact(wb))
     wb.apply("ft-m", FAST, fact(wb, "Berlin"))
     full, base = wb.fingerprints[2], wb.fingerprints[0]
-    slow_restore = WeightDelta.restore
+    slow_restore = EditStack.restore
+    started = threading.Event()
 
     def restore(self, model):
+        started.set()
+        time.sleep(0.2)  # windows before and after the weights go back, with the lock held
         slow_restore(self, model)
-        time.sleep(0.2)  # a window between the two edits' restores
+        time.sleep(0.2)
 
-    monkeypatch.setattr(WeightDelta, "restore", restore)
+    monkeypatch.setattr(EditStack, "restore", restore)
     seen: list[tuple] = []
     a = threading.Thread(target=wb.restore_all)
     a.start()
-    while a.is_alive():
+    assert started.wait(30)
+    while True:  # at least one read after A began, however late this thread is scheduled (a loaded CI machine)
         with wb.lock:
             seen.append(fingerprint(wb.model))
+        if not a.is_alive():
+            break
         time.sleep(0.01)
     a.join()
     assert seen and set(seen) <= {full, base}
