@@ -11,7 +11,7 @@ import torch
 
 from kedit.app.core import Workbench, editor_choices
 from kedit.data import RequestError
-from kedit.editors import EditMismatchError, EditStack, WeightDelta
+from kedit.editors import EditMismatchError, EditStack
 from kedit.eval.runner import fingerprint
 
 # FT-M on the first layer with a large step: a visible edit of a tiny model in well under a second
