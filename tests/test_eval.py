@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 from dataclasses import dataclass
 
 import pytest
@@ -346,7 +347,7 @@ def _stopping(editor, after: int):
 
 def _without_times(res):
     curves = [{k: v for k, v in c.items() if k != "edit_seconds_mean"} for c in res.curves]
-    records = [{k: v for k, v in r.items() if k != "edit_seconds"} for r in res.per_request]
+    records = [{k: v for k, v in r.items() if k not in ("edit_seconds", "edit_cpu_seconds")} for r in res.per_request]
     return curves, records
 
 
@@ -375,10 +376,34 @@ def test_sequential_checkpoint_resumes_as_one_run(tiny, ppl_text, tmp_path):
     assert not folder.exists()
     assert resumed.meta["resumed_at"] == 3 and whole.meta["resumed_at"] == 0
     assert len(resumed.meta["edit_seconds"]) == 4 and [r["edit_step"] for r in resumed.per_request] == [0, 1, 2, 3]
+    cpu = resumed.meta["edit_cpu_seconds"]  # saved with the checkpoint, so none is lost by the resume
+    assert len(cpu) == 4 and all(s > 0 for s in cpu) and [r["edit_cpu_seconds"] for r in resumed.per_request] == cpu
     (c1, r1), (c2, r2) = _without_times(whole), _without_times(resumed)
     assert c1 == pytest.approx(c2, nan_ok=True) and len(r1) == len(r2)
     for a, b in zip(r1, r2):
         assert a["post"] == pytest.approx(b["post"], nan_ok=True)
+
+
+def test_sequential_checkpoint_without_cpu_seconds_resumes(tiny, ppl_text, tmp_path):
+    """A checkpoint saved before kedit recorded CPU seconds per edit resumes: its edits have
+    None, the mean CPU seconds is over the edits that have them, the median wall seconds over all."""
+    model, tok = tiny("llama")
+    kw = dict(mode="sequential", ppl_path=ppl_text, **CFG)
+    folder = tmp_path / "ckpt"
+    with pytest.raises(Stop):
+        evaluate(model, tok, _stopping(Boost(), after=3), REQUESTS, checkpoint=folder, checkpoint_every=3, **kw)
+    state = folder / "state.json"
+    saved = json.loads(state.read_text())
+    del saved["edit_cpu_seconds"]
+    for record in saved["records"]:
+        del record["edit_cpu_seconds"]
+    state.write_text(json.dumps(saved))
+    resumed = evaluate(model, tok, Boost(), REQUESTS, checkpoint=folder, checkpoint_every=3, **kw)
+    cpu = resumed.meta["edit_cpu_seconds"]
+    assert cpu[:3] == [None] * 3 and cpu[3] > 0 and resumed.meta["edit_cpu_seconds_mean"] == cpu[3]
+    assert [r.get("edit_cpu_seconds") for r in resumed.per_request] == cpu
+    assert resumed.meta["edit_seconds_median"] == statistics.median(resumed.meta["edit_seconds"])
+    assert "edit CPU s (mean)" in resumed.to_markdown()
 
 
 def test_sequential_checkpoint_of_another_run_is_refused(tiny, ppl_text, tmp_path):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import statistics
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -122,6 +123,8 @@ class Results:
         for label, key, form in (("mode", "mode", "{}"), ("editor", "editor_name", "{}"), ("model", "model", "{}"),
                                 ("requests", "n_requests", "{}"), ("edits", "n_edits", "{}"),
                                 ("edit s (mean)", "edit_seconds_mean", "{:.2f}"),
+                                ("edit s (median)", "edit_seconds_median", "{:.2f}"),
+                                ("edit CPU s (mean)", "edit_cpu_seconds_mean", "{:.2f}"),
                                 ("edit s (total)", "edit_seconds_total", "{:.1f}"),
                                 ("eval s (total)", "eval_seconds", "{:.1f}"),
                                 ("peak RSS MB", "peak_rss_mb", "{:.0f}"),
@@ -139,6 +142,10 @@ class Results:
         return "\n".join(lines) + "\n"
 
 
+def _median(values: list[float] | None) -> float | None:
+    return statistics.median(values) if values else None
+
+
 def compare_markdown(runs: Mapping[str, Results]) -> list[str]:
     """Markdown rows comparing runs on the same requests: one column of pre-edit scores (the
     first run's) and one column of post-edit scores per run, then edit time and memory."""
@@ -150,8 +157,11 @@ def compare_markdown(runs: Mapping[str, Results]) -> list[str]:
             lines.append(f"| {key} | {fmt(first['pre'].get(key), key)} | "
                          + " | ".join(fmt(runs[n].summary["post"].get(key), key) for n in names) + " |")
     # seconds per request, not per edit call: a batch edit covers all requests (older results lack the key)
-    meta = {n: {"edit_seconds_per_request": runs[n].meta.get("edit_seconds_mean"), **runs[n].meta} for n in names}
+    meta = {n: {"edit_seconds_per_request": runs[n].meta.get("edit_seconds_mean"),
+                "edit_seconds_median": _median(runs[n].meta.get("edit_seconds")), **runs[n].meta} for n in names}
     for label, key, form in (("edit seconds / request", "edit_seconds_per_request", "{:.2f}"),
+                             ("edit seconds / edit (median)", "edit_seconds_median", "{:.2f}"),
+                             ("edit CPU seconds / edit (mean)", "edit_cpu_seconds_mean", "{:.2f}"),
                              ("peak RSS MB (process)", "peak_rss_mb", "{:.0f}"),
                              ("peak CUDA MB (edit)", "cuda_peak_mb", "{:.0f}"),
                              ("eval wall seconds", "wall_seconds", "{:.0f}")):
@@ -209,7 +219,7 @@ def log_wandb(results: Results, project: str, config: Mapping[str, Any] | None =
     mode = wandb_mode()
     if mode == "offline":
         log.info("no W&B key configured: logging offline (upload later with `wandb sync`)")
-    meta = {k: v for k, v in results.meta.items() if k not in ("edit_seconds", "metrics")}
+    meta = {k: v for k, v in results.meta.items() if k not in ("edit_seconds", "edit_cpu_seconds", "metrics")}
     run = wandb.init(project=project, mode=mode, config={**(config or {}), "meta": meta},
                      name=f"{results.meta['editor_name']}-{results.meta['mode']}")
     flat = {f"{side}/{k}": v for side in ("pre", "post") for k, v in results.summary[side].items()}

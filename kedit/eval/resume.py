@@ -59,6 +59,7 @@ class Resumed:
     cuda_peaks: list[float]
     records: list[dict[str, Any]]
     curves: list[dict[str, Any]]
+    edit_cpu_seconds: list[float | None]
 
 
 class Checkpoint:
@@ -92,11 +93,15 @@ class Checkpoint:
             raise CheckpointError(f"{self.folder / saved['stack']}: expected a stack of {len(saved['edit_seconds'])} "
                                   f"edits (field 'edit_seconds' of {self.state})")
         log.info("resuming from %s: %d requests edited, %d edits", self.folder, saved["done"], len(stack.edits))
+        # checkpoints saved before CPU seconds were recorded have none: None for each of their edits
+        cpu = saved.get("edit_cpu_seconds") or [None] * len(saved["edit_seconds"])
         return Resumed(stack=stack, done=saved["done"], seconds=saved["seconds"], edit_seconds=saved["edit_seconds"],
-                       cuda_peaks=saved["cuda_peaks"], records=saved["records"], curves=saved["curves"])
+                       cuda_peaks=saved["cuda_peaks"], records=saved["records"], curves=saved["curves"],
+                       edit_cpu_seconds=cpu)
 
     def save(self, stack: EditStack, done: int, seconds: float, edit_seconds: list[float], cuda_peaks: list[float],
-             records: list[dict[str, Any]], curves: list[dict[str, Any]]) -> None:
+             records: list[dict[str, Any]], curves: list[dict[str, Any]],
+             edit_cpu_seconds: list[float | None] | None = None) -> None:
         """Save the run after ``done`` requests and ``seconds`` (the stack may be applied)."""
         self.folder.mkdir(parents=True, exist_ok=True)
         old = {p.name for p in self.folder.glob("stack-*.safetensors")}
@@ -104,7 +109,8 @@ class Checkpoint:
         write_edit_file(stack, self.folder / name)
         atomic_write_text(self.state, json.dumps({
             "kedit_checkpoint": FORMAT, "match": self.match, "done": done, "stack": name, "seconds": seconds,
-            "edit_seconds": edit_seconds, "cuda_peaks": cuda_peaks, "records": records, "curves": curves},
+            "edit_seconds": edit_seconds, "edit_cpu_seconds": edit_cpu_seconds, "cuda_peaks": cuda_peaks,
+            "records": records, "curves": curves},
             default=str))
         for stale in old - {name}:
             (self.folder / stale).unlink(missing_ok=True)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import math
+import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, is_dataclass, replace
@@ -279,8 +280,9 @@ class _Run:
                 if self.checkpoint is not None and end < n and (end in points or (every and end % every == 0)):
                     self.checkpoint.save(stack, end, time.perf_counter() - self.t_start, self.timer.seconds,
                                          self.timer.cuda_peaks,
-                                         [{k: r[k] for k in ("edit_seconds", "edit_step")} for r in self.records[:end]],
-                                         self.curves)
+                                         [{k: r.get(k) for k in ("edit_seconds", "edit_cpu_seconds", "edit_step")}
+                                          for r in self.records[:end]],
+                                         self.curves, self.timer.cpu_seconds)
         finally:
             stack.restore(self.model)
         self._check("after restoring the sequential edit stack")
@@ -308,6 +310,7 @@ class _Run:
         if saved is None:
             return EditStack(), 0
         self.timer.seconds, self.timer.cuda_peaks = list(saved.edit_seconds), list(saved.cuda_peaks)
+        self.timer.cpu_seconds = list(saved.edit_cpu_seconds)
         for record, fields in zip(self.records, saved.records):
             record.update(fields)
         self.curves = list(saved.curves)
@@ -328,7 +331,8 @@ class _Run:
         if history is None:
             self._check("after Editor.edit (edit() must not change the model)")
         for i in ids:
-            self.records[i].update(edit_seconds=dt / len(ids), edit_step=len(self.timer.seconds) - 1)
+            self.records[i].update(edit_seconds=dt / len(ids), edit_cpu_seconds=self.timer.cpu_seconds[-1] / len(ids),
+                                   edit_step=len(self.timer.seconds) - 1)
         self.bar.update(len(ids))
         self.bar.set_postfix(edit_s=f"{dt:.2f}")
         return edit
@@ -408,6 +412,9 @@ class _Run:
             "dtype": str(next(model.parameters()).dtype),
             "edit_seconds": seconds,
             "edit_seconds_mean": sum(seconds) / len(seconds) if seconds else None,
+            "edit_seconds_median": statistics.median(seconds) if seconds else None,
+            "edit_cpu_seconds": self.timer.cpu_seconds,
+            "edit_cpu_seconds_mean": _mean_known(self.timer.cpu_seconds),
             "edit_seconds_per_request": sum(seconds) / len(self.reqs) if seconds else None,
             "edit_seconds_total": sum(seconds),
             "eval_seconds": time.perf_counter() - self.t_start,
@@ -435,6 +442,7 @@ class _Timer:
     def __init__(self, device: torch.device):
         self.cuda = device.type == "cuda"
         self.seconds: list[float] = []
+        self.cpu_seconds: list[float | None] = []  # None: an edit made before a resume by a run that did not record it
         self.cuda_peaks: list[float] = []
 
     def edit(self, editor: Editor, model: nn.Module, tok: PreTrainedTokenizerBase,
@@ -442,14 +450,23 @@ class _Timer:
         if self.cuda:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         edit = editor.edit(model, tok, requests, history=history)
         if self.cuda:
             torch.cuda.synchronize()
             self.cuda_peaks.append(torch.cuda.max_memory_allocated() / 2**20)
         dt = time.perf_counter() - t0
         self.seconds.append(dt)
+        # CPU seconds of the process (all threads): unlike wall time, not inflated by a paused
+        # process or by other jobs on the machine
+        self.cpu_seconds.append(time.process_time() - c0)
         return edit, dt
+
+
+def _mean_known(values: Sequence[float | None]) -> float | None:
+    """The mean of the values that are not None (None if none is)."""
+    known = [v for v in values if v is not None]
+    return sum(known) / len(known) if known else None
 
 
 def _as_requests(requests: Any) -> list[EditRequest]:
